@@ -1,0 +1,13 @@
+"""One module per adapter method family, mirroring ``adapters.methods``."""
+from . import bottleneck, lora, prefix_tuning, prompt_tuning, reft
+
+#: every method the engine can merge; the first whose config types match a configuration owns it
+METHODS = (
+    bottleneck.METHOD,
+    lora.METHOD,
+    prefix_tuning.METHOD,
+    prompt_tuning.METHOD,
+    reft.METHOD,
+)
+
+__all__ = ["METHODS", "bottleneck", "lora", "prefix_tuning", "prompt_tuning", "reft"]

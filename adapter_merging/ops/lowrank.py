@@ -1,0 +1,133 @@
+"""Low-rank algebra on LoRA factors, never forming the dense d × k update.
+
+A LoRA update is ΔW = s·B·A with B ∈ ℝ^{d×r}, A ∈ ℝ^{r×k}. A weighted sum of updates is again a
+product of stacked factors:
+
+    Σᵢ λᵢ sᵢ Bᵢ Aᵢ = B_cat · A_cat,   B_cat = [λ₁s₁B₁ … λₙsₙBₙ] (d × R),  A_cat = [A₁; …; Aₙ] (R × k),
+
+with R = Σ rᵢ, and its exact SVD costs O((d + k)·R²) through two thin QRs and an R × R SVD.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+
+
+
+class LowRankSVD(NamedTuple):
+    """ΔW = U · diag(S) · Vh with orthonormal columns of U (d × q) and rows of Vh (q × k)."""
+
+    U: torch.Tensor
+    S: torch.Tensor
+    Vh: torch.Tensor
+
+
+def stack_factors(
+    factors: Sequence[tuple[torch.Tensor, torch.Tensor]], coefficients: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """B_cat = [c₁B₁ … cₙBₙ], A_cat = [A₁; …; Aₙ], so that B_cat·A_cat = Σ cᵢ Bᵢ Aᵢ (float64)."""
+    if len(factors) != len(coefficients) or not factors:
+        raise ValueError("stack_factors needs one coefficient per (B, A) pair and at least one pair.")
+    b_cat = torch.cat([b.to(torch.float64) * float(c) for (b, _), c in zip(factors, coefficients)], dim=1)
+    a_cat = torch.cat([a.to(torch.float64) for _, a in factors], dim=0)
+    return b_cat, a_cat
+
+
+def factored_svd(b_cat: torch.Tensor, a_cat: torch.Tensor) -> LowRankSVD:
+    """Exact thin SVD of B·A without the d × k product.
+
+    QR(B) = Q_b R_b, QR(Aᵀ) = Q_a R_a, SVD(R_b R_aᵀ) = U' S V'ᵀ  ⇒  B·A = (Q_b U') S (Q_a V')ᵀ.
+    Computed in float64; the rank of the result is q = min(d, k, R).
+    """
+    b = b_cat.to(torch.float64)
+    a = a_cat.to(torch.float64)
+    q_b, r_b = torch.linalg.qr(b, mode="reduced")  # d × m, m × R   (m = min(d, R))
+    q_a, r_a = torch.linalg.qr(a.T, mode="reduced")  # k × n, n × R   (n = min(k, R))
+    u_core, s, vh_core = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
+    return LowRankSVD(q_b @ u_core, s, vh_core @ q_a.T)
+
+
+def select_rank(
+    singular_values: torch.Tensor, svd_rank: Optional[int] = None, rel_tol: Optional[float] = None
+) -> int:
+    """Rank to keep: ``svd_rank`` (capped at the available rank), else the smallest k whose
+    truncation error √(Σ_{j>k} σⱼ²)/‖σ‖ ≤ ``rel_tol``, else the full (exact) rank."""
+    available = int(singular_values.numel())
+    if svd_rank is not None:
+        return min(int(svd_rank), available)
+    if rel_tol is None:
+        return available
+    energy = singular_values.to(torch.float64) ** 2
+    total = float(energy.sum())
+    if total == 0.0:
+        return 0
+    # tail[k] = Σ_{j≥k} σⱼ²  (energy dropped when keeping k values)
+    tail = torch.flip(torch.cumsum(torch.flip(energy, [0]), 0), [0])
+    tail = torch.cat([tail, tail.new_zeros(1)])
+    ok = torch.nonzero(torch.sqrt(tail / total) <= rel_tol).flatten()
+    return int(ok[0]) if ok.numel() else available
+
+
+def truncation_error(singular_values: torch.Tensor, rank: int) -> tuple[float, float]:
+    """(relative Frobenius error, fraction of energy kept) of keeping the top ``rank`` values:
+    error = √(Σ_{j>k} σⱼ²)/‖σ‖ (Eckart–Young), kept = Σ_{j≤k} σⱼ²/‖σ‖²."""
+    energy = singular_values.to(torch.float64) ** 2
+    total = float(energy.sum())
+    if total == 0.0:
+        return 0.0, 1.0
+    kept = float(energy[:rank].sum()) / total
+    return math.sqrt(max(0.0, 1.0 - kept)), kept
+
+
+def split_factors(
+    svd: LowRankSVD, rank: int, scaling: float = 1.0, dtype: Optional[torch.dtype] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """New LoRA factors with ``scaling``·B·A = U_k S_k Vh_k: B = U_k √(S_k/s), A = √(S_k/s) Vh_k.
+
+    The singular values are split symmetrically for well-conditioned factors. When fewer than
+    ``rank`` singular values exist, B and A are padded with zero columns / rows (exact, unused).
+    """
+    if scaling == 0:
+        raise ValueError("The LoRA scaling of the merged adapter must not be zero.")
+    kept = min(rank, svd.S.numel())
+    root = torch.sqrt(svd.S[:kept] / abs(scaling))
+    b = svd.U[:, :kept] * root * math.copysign(1.0, scaling)
+    a = root[:, None] * svd.Vh[:kept]
+    if kept < rank:
+        b = torch.cat([b, b.new_zeros(b.shape[0], rank - kept)], dim=1)
+        a = torch.cat([a, a.new_zeros(rank - kept, a.shape[1])], dim=0)
+    if dtype is not None:
+        b, a = b.to(dtype), a.to(dtype)
+    return b.contiguous(), a.contiguous()
+
+
+def lowrank_frobenius_norm(b: torch.Tensor, a: torch.Tensor) -> float:
+    """‖B·A‖_F from the factors: ‖B·A‖²_F = trace(BᵀB · AAᵀ) = Σ (BᵀB) ⊙ (AAᵀ), in O((d + k)·r²)."""
+    b64, a64 = b.to(torch.float64), a.to(torch.float64)
+    return math.sqrt(max(0.0, float(((b64.T @ b64) * (a64 @ a64.T)).sum())))
+
+
+def lowrank_relative_error(
+    b: torch.Tensor, a: torch.Tensor, b_ref: torch.Tensor, a_ref: torch.Tensor
+) -> float:
+    """‖B·A − B_ref·A_ref‖_F / ‖B_ref·A_ref‖_F from factors only: the difference is the product of
+    [B, −B_ref] and [A; A_ref], whose Frobenius norm is the norm of its small core (float64)."""
+    diff_norm = lowrank_frobenius_norm(torch.cat([b, -b_ref], 1), torch.cat([a, a_ref], 0))
+    ref_norm = lowrank_frobenius_norm(b_ref, a_ref)
+    if ref_norm == 0.0:
+        return 0.0 if diff_norm == 0.0 else math.inf
+    return diff_norm / ref_norm
+
+
+__all__ = [
+    "LowRankSVD",
+    "stack_factors",
+    "factored_svd",
+    "select_rank",
+    "truncation_error",
+    "split_factors",
+    "lowrank_frobenius_norm",
+    "lowrank_relative_error",
+]

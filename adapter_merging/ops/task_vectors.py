@@ -1,0 +1,279 @@
+"""Task-vector merges on dense updates: task arithmetic, TIES, DARE, magnitude pruning, Breadcrumbs.
+
+All functions act on the dense updates of ONE layer, stacked as ``tasks`` of shape (n, *shape)
+(τᵢ = tasks[i] = ΔWᵢ), with one merge weight λᵢ per task (any sign). They are computed in the
+dtype of ``tasks`` (the caller passes float32 or float64) and return a tensor of the task shape.
+
+Notation: τ̂ᵢ is a trimmed (or dropped and rescaled) task, λᵢτ̂ᵢ its weighted form, γ the elected
+sign, ⊙ the element-wise product. Ranks by magnitude are broken deterministically: among equal
+|x| the entry with the lower flat (row-major) index ranks first.
+"""
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Optional, Sequence
+
+import torch
+
+#: valid ``majority_sign_method`` values of TIES / DARE-TIES sign election.
+SIGN_METHODS = ("total", "frequency")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def check_density(density: float) -> float:
+    """Validate the fraction of entries kept: a finite number with 0 < density ≤ 1."""
+    if isinstance(density, bool) or not isinstance(density, Real) or not math.isfinite(float(density)):
+        raise ValueError(
+            f"density must be a finite number in (0, 1], got {density!r}. "
+            "Pass e.g. density=0.2 to keep 20% of the entries, or density=1 to keep all of them."
+        )
+    if not 0.0 < float(density) <= 1.0:
+        raise ValueError(
+            f"density must be in (0, 1], got {density!r}. "
+            "Pass e.g. density=0.2 to keep 20% of the entries, or density=1 to keep all of them."
+        )
+    return float(density)
+
+
+def check_gamma(gamma: float) -> float:
+    """Validate the Breadcrumbs top-magnitude fraction dropped: a finite number with 0 ≤ gamma < 1."""
+    if isinstance(gamma, bool) or not isinstance(gamma, Real) or not math.isfinite(float(gamma)):
+        raise ValueError(
+            f"gamma must be a finite number in [0, 1), got {gamma!r}. "
+            "Pass e.g. gamma=0.01 to drop the largest 1% of the entries, or gamma=0 to drop none."
+        )
+    if not 0.0 <= float(gamma) < 1.0:
+        raise ValueError(
+            f"gamma must be in [0, 1), got {gamma!r}: gamma=1 would drop every entry. "
+            "Pass e.g. gamma=0.01 to drop the largest 1% of the entries, or gamma=0 to drop none."
+        )
+    return float(gamma)
+
+
+def check_sign_method(method: str) -> str:
+    """Validate the TIES sign-election method: one of ``"total"`` or ``"frequency"``."""
+    if method not in SIGN_METHODS:
+        raise ValueError(
+            f"Unknown majority_sign_method {method!r}: use 'total' (sign of the weighted sum) "
+            "or 'frequency' (sign of the sum of signs)."
+        )
+    return method
+
+
+def _check_tasks(tasks: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+    """λ as a tensor of shape (n, 1, …, 1) in the dtype/device of ``tasks``, broadcastable against it."""
+    if not isinstance(tasks, torch.Tensor) or tasks.ndim < 1 or tasks.shape[0] == 0:
+        raise ValueError("tasks must be a tensor of shape (n, *shape) stacking n ≥ 1 task updates.")
+    if not tasks.is_floating_point():
+        raise ValueError(f"tasks must be a floating-point tensor, got dtype {tasks.dtype}.")
+    weights = list(weights)
+    if len(weights) != tasks.shape[0]:
+        raise ValueError(
+            f"Got {len(weights)} weights for {tasks.shape[0]} tasks: pass one weight per task."
+        )
+    lam = torch.tensor([float(w) for w in weights], dtype=tasks.dtype, device=tasks.device)
+    return lam.view(-1, *([1] * (tasks.ndim - 1)))
+
+
+def _count(fraction: float, numel: int) -> int:
+    """ceil(fraction·numel) clamped to [0, numel]; a 1e-12 relative guard keeps products such as
+    0.07·100 = 7.000000000000001 from rounding up to an extra entry."""
+    return max(0, min(numel, math.ceil(fraction * numel * (1.0 - 1e-12))))
+
+
+def _magnitude_order(task: torch.Tensor) -> torch.Tensor:
+    """Flat indices of ``task`` by decreasing |x|; ties keep the lower flat index first."""
+    return torch.argsort(task.detach().abs().reshape(-1), descending=True, stable=True)
+
+
+def _apply_mask(task: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """m ⊙ τ as a selection (exact zeros where m is False, even for non-finite τ)."""
+    return torch.where(mask, task, torch.zeros_like(task))
+
+
+def _rank_window_mask(task: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Boolean mask of the entries ranked start+1 … stop by magnitude (1-based ranks)."""
+    mask = torch.zeros(task.numel(), dtype=torch.bool, device=task.device)
+    if stop > start:
+        mask[_magnitude_order(task)[start:stop]] = True
+    return mask.view(task.shape)
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def magnitude_mask(task: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the K = ceil(density·numel) largest-|x| entries of one task tensor: m[p] = [rank(|τ[p]|) ≤ K].
+
+    Ties are broken by flat index (lower first), so the mask always has exactly K entries;
+    density=1 keeps all of them.
+    """
+    density = check_density(density)
+    return _rank_window_mask(task, 0, _count(density, task.numel()))
+
+
+def breadcrumbs_mask(task: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Model Breadcrumbs mask (Davari & Belilovsky 2023): drop the outliers, keep the next band.
+
+    With N = numel, G = ceil(gamma·N) and K = ceil(density·N), the entries of magnitude rank
+    G < rank ≤ min(N, G + K) are kept, i.e. the top ``gamma`` fraction and everything below the
+    next ``density`` fraction are dropped (gamma + density clipped at 1). gamma=0 gives
+    :func:`magnitude_mask`.
+    """
+    density = check_density(density)
+    gamma = check_gamma(gamma)
+    n = task.numel()
+    start = _count(gamma, n)
+    return _rank_window_mask(task, start, min(n, start + _count(density, n)))
+
+
+def dare_mask(
+    shape: Sequence[int] | torch.Size, density: float, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """DARE keep mask (Yu et al. 2024): m[p] ~ Bernoulli(density) i.i.d., as m[p] = [u[p] < density]
+    with u ~ U[0, 1) drawn in float64 on the CPU from ``generator`` (a CPU generator; the caller
+    moves the mask to its device). density=1 keeps every entry."""
+    density = check_density(density)
+    u = torch.rand(tuple(shape), generator=generator, dtype=torch.float64, device="cpu")
+    return u < density
+
+
+# --------------------------------------------------------------------------- TIES building blocks
+
+
+def elect_sign(weighted_tasks: torch.Tensor, method: str = "total") -> torch.Tensor:
+    """TIES sign election on the weighted trimmed tasks λᵢτ̂ᵢ (stacked on dim 0):
+
+    * ``"total"``:     γ = sign(Σᵢ λᵢτ̂ᵢ)
+    * ``"frequency"``: γ = sign(Σᵢ sign(λᵢτ̂ᵢ))
+
+    Returns γ ∈ {−1, 0, +1} with the task shape and the input dtype. Where γ = 0 (a tie, or all
+    entries zero) no sign is elected and :func:`disjoint_merge` yields 0 there.
+    """
+    method = check_sign_method(method)
+    if method == "total":
+        return torch.sign(weighted_tasks.sum(dim=0))
+    return torch.sign(torch.sign(weighted_tasks).sum(dim=0))
+
+
+def disjoint_merge(
+    weighted_tasks: torch.Tensor, elected_sign: torch.Tensor, weights: Sequence[float]
+) -> torch.Tensor:
+    """Weighted disjoint mean of the entries that agree with the elected sign.
+
+    With A_p = {i : sign(λᵢτ̂ᵢ[p]) = γ[p] and τ̂ᵢ[p] ≠ 0} (so A_p = ∅ where γ[p] = 0),
+
+        τ_m[p] = (Σᵢ |λᵢ|) · Σ_{i∈A_p} λᵢτ̂ᵢ[p] / Σ_{i∈A_p} |λᵢ|        (0 where A_p = ∅).
+
+    With equal weights λᵢ = 1/n this is exactly the disjoint mean of TIES (Yadav et al. 2023),
+    the mean of the agreeing non-zero τ̂ᵢ[p]. When no sign conflicts and every τ̂ᵢ[p] ≠ 0 it is
+    plain task arithmetic Σᵢ λᵢτ̂ᵢ. A task whose entry is 0 is left out of A_p, so the others are
+    rescaled to the full weight mass Σᵢ |λᵢ| (the TIES convention).
+    """
+    lam = _check_tasks(weighted_tasks, weights)
+    agree = (torch.sign(weighted_tasks) == elected_sign.unsqueeze(0)) & (weighted_tasks != 0)
+    numerator = torch.where(agree, weighted_tasks, torch.zeros_like(weighted_tasks)).sum(dim=0)
+    mass = torch.where(agree, lam.abs().expand_as(weighted_tasks), torch.zeros_like(weighted_tasks)).sum(dim=0)
+    total_mass = lam.abs().sum()
+    safe = torch.where(mass > 0, mass, torch.ones_like(mass))
+    return torch.where(mass > 0, total_mass * numerator / safe, torch.zeros_like(numerator))
+
+
+def _sign_merge(trimmed: torch.Tensor, lam: torch.Tensor, weights: Sequence[float], method: str) -> torch.Tensor:
+    """Weight the trimmed tasks, elect signs and take the disjoint merge."""
+    weighted = lam * trimmed
+    return disjoint_merge(weighted, elect_sign(weighted, method), weights)
+
+
+def _dare_drop(tasks: torch.Tensor, density: float, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """τ̂ᵢ = mᵢ ⊙ τᵢ / density with one DARE mask mᵢ drawn per task in order i = 0 … n−1."""
+    dropped = torch.empty_like(tasks)
+    for i in range(tasks.shape[0]):
+        keep = dare_mask(tasks.shape[1:], density, generator).to(tasks.device)
+        dropped[i] = torch.where(keep, tasks[i] / density, torch.zeros_like(tasks[i]))
+    return dropped
+
+
+# --------------------------------------------------------------------------- strategies
+
+
+def task_arithmetic(tasks: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+    """Task arithmetic (Ilharco et al. 2023): τ_m = Σᵢ λᵢτᵢ."""
+    lam = _check_tasks(tasks, weights)
+    return (lam * tasks).sum(dim=0)
+
+
+def ties(
+    tasks: torch.Tensor, weights: Sequence[float], density: float, majority_sign_method: str = "total"
+) -> torch.Tensor:
+    """TIES merging (Yadav et al. 2023): τ̂ᵢ = magnitude_mask(τᵢ, density) ⊙ τᵢ (per task tensor),
+    γ = elect_sign(λτ̂, method), τ_m = disjoint_merge(λτ̂, γ, λ)."""
+    lam = _check_tasks(tasks, weights)
+    check_density(density)
+    check_sign_method(majority_sign_method)
+    trimmed = torch.stack([_apply_mask(t, magnitude_mask(t, density)) for t in tasks])
+    return _sign_merge(trimmed, lam, weights, majority_sign_method)
+
+
+def dare_linear(
+    tasks: torch.Tensor, weights: Sequence[float], density: float, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """DARE (Yu et al. 2024) with a linear merge: τ̂ᵢ = mᵢ ⊙ τᵢ / density, mᵢ ~ Bernoulli(density)
+    (one mask per task, drawn in order from ``generator``), τ_m = Σᵢ λᵢτ̂ᵢ. E[τ_m] = Σᵢ λᵢτᵢ."""
+    lam = _check_tasks(tasks, weights)
+    density = check_density(density)
+    return (lam * _dare_drop(tasks, density, generator)).sum(dim=0)
+
+
+def dare_ties(
+    tasks: torch.Tensor,
+    weights: Sequence[float],
+    density: float,
+    generator: Optional[torch.Generator] = None,
+    majority_sign_method: str = "total",
+) -> torch.Tensor:
+    """DARE drop and rescale, then TIES sign election and disjoint merge:
+    τ̂ᵢ = mᵢ ⊙ τᵢ / density, γ = elect_sign(λτ̂, method), τ_m = disjoint_merge(λτ̂, γ, λ)."""
+    lam = _check_tasks(tasks, weights)
+    density = check_density(density)
+    check_sign_method(majority_sign_method)
+    return _sign_merge(_dare_drop(tasks, density, generator), lam, weights, majority_sign_method)
+
+
+def magnitude_prune(tasks: torch.Tensor, weights: Sequence[float], density: float) -> torch.Tensor:
+    """Magnitude pruning: τ_m = Σᵢ λᵢ (magnitude_mask(τᵢ, density) ⊙ τᵢ)."""
+    lam = _check_tasks(tasks, weights)
+    check_density(density)
+    trimmed = torch.stack([_apply_mask(t, magnitude_mask(t, density)) for t in tasks])
+    return (lam * trimmed).sum(dim=0)
+
+
+def breadcrumbs(tasks: torch.Tensor, weights: Sequence[float], density: float, gamma: float) -> torch.Tensor:
+    """Model Breadcrumbs: τ_m = Σᵢ λᵢ (breadcrumbs_mask(τᵢ, density, gamma) ⊙ τᵢ)."""
+    lam = _check_tasks(tasks, weights)
+    check_density(density)
+    check_gamma(gamma)
+    trimmed = torch.stack([_apply_mask(t, breadcrumbs_mask(t, density, gamma)) for t in tasks])
+    return (lam * trimmed).sum(dim=0)
+
+
+__all__ = [
+    "SIGN_METHODS",
+    "check_density",
+    "check_gamma",
+    "check_sign_method",
+    "magnitude_mask",
+    "breadcrumbs_mask",
+    "dare_mask",
+    "elect_sign",
+    "disjoint_merge",
+    "task_arithmetic",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "magnitude_prune",
+    "breadcrumbs",
+]

@@ -1,0 +1,213 @@
+"""The strategy registry: every ``combine_strategy`` is declared once, here.
+
+A declaration gives the strategy's name, the adapter families that accept it, and its options
+(defaults and validation). The model mixin, the method modules and the docs all read it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Integral, Real
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+#: Families of adapters, as named in errors and docs.
+FAMILY_DESCRIPTIONS: Dict[str, str] = {
+    "bottleneck": "bottleneck adapters (seq_bn, par_bn, Compacter, invertible adapters)",
+    "prefix_tuning": "prefix tuning",
+    "prompt_tuning": "prompt tuning",
+    "reft": "ReFT (LoReFT, NoReFT, DiReFT)",
+    "lora": "LoRA",
+    "lora_gated": "LoRA with gating (UniPELT)",
+    "ia3": "IA³",
+    "vera": "VeRA",
+    "dora": "DoRA",
+    "mtl_lora": "MTL-LoRA",
+}
+ALL_FAMILIES = frozenset(FAMILY_DESCRIPTIONS)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a strategy: its default and a validator returning the cleaned value."""
+
+    name: str
+    default: Any
+    validate: Callable[[str, Any], Any]
+    doc: str
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    families: frozenset
+    doc: str
+    options: Tuple[Option, ...] = ()
+    #: whether the strategy changes what is merged from parameters to the update ΔW = s·B·A
+    merges_delta_w: bool = False
+    #: whether the merged adapter is exact by construction (no truncation)
+    exact: bool = False
+
+    @property
+    def option_names(self) -> Tuple[str, ...]:
+        return tuple(o.name for o in self.options)
+
+    def parse_options(self, svd_rank: Optional[int], options: Mapping[str, Any]) -> Dict[str, Any]:
+        """Validate ``svd_rank`` and ``**strategy_options`` against this declaration, fill defaults."""
+        given = dict(options)
+        if svd_rank is not None:
+            if "svd_rank" not in self.option_names:
+                raise ValueError(
+                    f"svd_rank={svd_rank!r} has no effect with combine_strategy='{self.name}': "
+                    f"remove it, or use one of {strategies_with_option('svd_rank')}."
+                )
+            given["svd_rank"] = svd_rank
+        unknown = sorted(set(given) - set(self.option_names))
+        if unknown:
+            valid = ", ".join(self.option_names) or "none"
+            raise TypeError(
+                f"Unknown option(s) {unknown} for combine_strategy='{self.name}'. Its options are: {valid}."
+            )
+        return {o.name: o.validate(o.name, given[o.name]) if o.name in given else o.default for o in self.options}
+
+    def check_families(self, families) -> None:
+        refused = sorted(set(families) - self.families)
+        if refused:
+            what = ", ".join(FAMILY_DESCRIPTIONS[f] for f in refused)
+            supported = strategies_for(families)
+            raise ValueError(
+                f"combine_strategy='{self.name}' does not support {what}. "
+                f"Strategies that support these adapters: {supported}."
+            )
+
+
+# ---------------------------------------------------------------------------- validators
+def _optional_positive_int(name: str, value: Any) -> Optional[int]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name} must be a positive integer or None, got {value!r}.")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer (or None for the exact rank), got {value}.")
+    return int(value)
+
+
+def _optional_fraction(name: str, value: Any) -> Optional[float]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise TypeError(f"{name} must be a number in (0, 1) or None, got {value!r}.")
+    if not 0 < value < 1:
+        raise ValueError(f"{name} must lie in (0, 1) (a relative Frobenius error), got {value}.")
+    return float(value)
+
+
+def _density(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise TypeError(f"{name} must be a number in (0, 1], got {value!r}.")
+    if not 0 < value <= 1:
+        raise ValueError(f"{name} is the fraction of entries kept and must lie in (0, 1], got {value}.")
+    return float(value)
+
+
+def _gamma(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise TypeError(f"{name} must be a number in [0, 1), got {value!r}.")
+    if not 0 <= value < 1:
+        raise ValueError(f"{name} is the fraction of largest magnitudes dropped and must lie in [0, 1), got {value}.")
+    return float(value)
+
+
+def _sign_method(name: str, value: Any) -> str:
+    if value not in ("total", "frequency"):
+        raise ValueError(f"{name} must be 'total' or 'frequency', got {value!r}.")
+    return value
+
+
+def _seed(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r}.")
+    return int(value)
+
+
+SVD_RANK = Option("svd_rank", None, _optional_positive_int, "rank of the merged LoRA (None: exact rank)")
+SVD_TOL = Option(
+    "svd_tol", None, _optional_fraction, "smallest rank whose relative truncation error is ≤ svd_tol"
+)
+DENSITY = Option("density", 0.2, _density, "fraction of entries of each ΔWᵢ kept")
+SIGN_METHOD = Option("majority_sign_method", "total", _sign_method, "TIES sign election: 'total' or 'frequency'")
+GAMMA = Option("gamma", 0.01, _gamma, "fraction of largest magnitudes dropped (breadcrumbs)")
+SEED = Option("seed", 0, _seed, "seed of the random drop mask (same seed, same result)")
+
+# ---------------------------------------------------------------------------- registry
+STRATEGIES: Dict[str, Strategy] = {}
+
+
+def register_strategy(strategy: Strategy) -> Strategy:
+    if strategy.name in STRATEGIES:
+        raise ValueError(f"Strategy '{strategy.name}' is already registered.")
+    STRATEGIES[strategy.name] = strategy
+    return strategy
+
+
+def get_strategy(name: str) -> Strategy:
+    if not isinstance(name, str) or name not in STRATEGIES:
+        raise ValueError(f"Unknown combine_strategy {name!r}. Available: {sorted(STRATEGIES)}.")
+    return STRATEGIES[name]
+
+
+def strategies_for(families) -> list:
+    """Names of the strategies that accept every family in ``families``."""
+    return [s.name for s in STRATEGIES.values() if set(families) <= s.families]
+
+
+def strategies_with_option(option: str) -> list:
+    return [s.name for s in STRATEGIES.values() if option in s.option_names]
+
+
+LORA = frozenset({"lora"})
+_REFACTOR = (SVD_RANK, SVD_TOL)
+
+register_strategy(Strategy(
+    "linear", ALL_FAMILIES,
+    "Φ = Σ λᵢ Φᵢ over the adapter's parameters (IA³: 1 + Σ λᵢ(lᵢ − 1)). For LoRA, A and B are "
+    "combined separately, which adds cross-terms Bᵢ·Aⱼ to the update.",
+))
+register_strategy(Strategy(
+    "lora_linear_only_negate_b", LORA,
+    "A = Σ |λᵢ| Aᵢ, B = Σ λᵢ Bᵢ (Zhang et al. 2023).",
+))
+register_strategy(Strategy(
+    "lora_delta_w_svd", LORA,
+    "ΔW = Σ λᵢ sᵢ Bᵢ Aᵢ, re-factorised by an exact factored SVD truncated to svd_rank.",
+    options=_REFACTOR, merges_delta_w=True,
+))
+register_strategy(Strategy(
+    "lora_delta_w_concat", LORA,
+    "Exact: B = [λ₁s₁B₁ … λₙsₙBₙ]/s, A = [A₁; …; Aₙ], rank Σ rᵢ.",
+    merges_delta_w=True, exact=True,
+))
+register_strategy(Strategy(
+    "ties", LORA,
+    "TIES on the updates ΔWᵢ: trim to `density`, elect signs, disjoint mean; then re-factorise.",
+    options=(DENSITY, SIGN_METHOD) + _REFACTOR, merges_delta_w=True,
+))
+register_strategy(Strategy(
+    "dare_linear", LORA,
+    "DARE on the updates ΔWᵢ: drop entries with probability 1 − density, rescale by 1/density, sum.",
+    options=(DENSITY, SEED) + _REFACTOR, merges_delta_w=True,
+))
+register_strategy(Strategy(
+    "dare_ties", LORA,
+    "DARE drop and rescale, then TIES sign election and disjoint mean.",
+    options=(DENSITY, SIGN_METHOD, SEED) + _REFACTOR, merges_delta_w=True,
+))
+register_strategy(Strategy(
+    "magnitude_prune", LORA,
+    "Keep the top `density` magnitudes of each ΔWᵢ, then Σ λᵢ ΔŴᵢ.",
+    options=(DENSITY,) + _REFACTOR, merges_delta_w=True,
+))
+register_strategy(Strategy(
+    "breadcrumbs", LORA,
+    "Drop the top `gamma` and keep the next `density` magnitudes of each ΔWᵢ, then Σ λᵢ ΔŴᵢ.",
+    options=(DENSITY, GAMMA) + _REFACTOR, merges_delta_w=True,
+))

@@ -1,0 +1,179 @@
+"""Tests of the dense → low-rank re-factorisation (exact and randomized SVD)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from adapter_merging.ops import dense_svd
+from adapter_merging.ops.dense_svd import dense_low_rank, dense_relative_error, randomized_svd
+from adapter_merging.ops.lowrank import LowRankSVD
+
+
+def _gauss(*shape, seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _with_spectrum(d, k, sigma, seed=0):
+    """d × k matrix with exactly the singular values ``sigma``."""
+    u, _ = torch.linalg.qr(_gauss(d, len(sigma), seed=seed))
+    v, _ = torch.linalg.qr(_gauss(k, len(sigma), seed=seed + 1))
+    return u @ torch.diag(torch.tensor(sigma, dtype=torch.float64)) @ v.T
+
+
+def _eckart_young(s: torch.Tensor, rank: int) -> float:
+    return math.sqrt(float((s[rank:] ** 2).sum())) / math.sqrt(float((s**2).sum()))
+
+
+def _spy_randomized(monkeypatch):
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(args[1])
+        return randomized_svd(*args, **kwargs)
+
+    monkeypatch.setattr(dense_svd, "randomized_svd", spy)
+    return calls
+
+
+# --------------------------------------------------------------------------- exact path
+
+
+@pytest.mark.parametrize("shape", [(60, 40), (30, 70)])
+@pytest.mark.parametrize("rank", [1, 5, 17, 30])
+def test_exact_path_is_truncated_svd(shape, rank, monkeypatch):
+    calls = _spy_randomized(monkeypatch)
+    w = _gauss(*shape, seed=rank)
+    res = dense_low_rank(w, svd_rank=rank)
+    assert isinstance(res, LowRankSVD) and not calls
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    assert res.U.shape == (shape[0], rank) and res.S.shape == (rank,) and res.Vh.shape == (rank, shape[1])
+    assert res.U.dtype == res.S.dtype == res.Vh.dtype == torch.float64
+    assert_close(res.S, s[:rank])
+    assert_close(res.U * res.S @ res.Vh, u[:, :rank] * s[:rank] @ vh[:rank])
+    err = dense_relative_error(w, res.U * res.S, res.Vh)
+    assert abs(err - _eckart_young(s, rank)) < 1e-10
+
+
+def test_exact_path_float32_input_gives_float64():
+    w = _gauss(20, 15).to(torch.float32)
+    res = dense_low_rank(w, svd_rank=4)
+    assert res.U.dtype == res.S.dtype == res.Vh.dtype == torch.float64
+    assert_close(res.S, torch.linalg.svdvals(w.double())[:4])
+
+
+def test_no_rank_keeps_full_rank_exactly():
+    w = _gauss(25, 12, seed=3)
+    res = dense_low_rank(w)
+    assert res.S.numel() == 12
+    assert dense_relative_error(w, res.U * res.S, res.Vh) < 1e-13
+
+
+def test_rank_above_available_is_capped():
+    w = _gauss(8, 5, seed=4)
+    assert dense_low_rank(w, svd_rank=50).S.numel() == 5
+
+
+def test_large_matrix_without_rank_uses_exact_svd(monkeypatch):
+    calls = _spy_randomized(monkeypatch)
+    w = _with_spectrum(40, 30, [4.0, 2.0, 1.0])
+    res = dense_low_rank(w, rel_tol=1e-6, randomized_threshold=10)
+    assert not calls and res.S.numel() == 3
+
+
+# --------------------------------------------------------------------------- rel_tol
+
+
+@pytest.mark.parametrize("rel_tol", [0.5, 0.1, 0.03, 1e-3, 1e-9])
+def test_rel_tol_selection(rel_tol):
+    sigma = [2.0 ** (-j) for j in range(12)]
+    w = _with_spectrum(30, 20, sigma, seed=5)
+    res = dense_low_rank(w, rel_tol=rel_tol)
+    # smallest k with √(Σ_{j≥k} σⱼ²)/‖σ‖ ≤ rel_tol, by a loop
+    total = sum(x * x for x in sigma)
+    expected = next(k for k in range(len(sigma) + 1) if math.sqrt(sum(x * x for x in sigma[k:]) / total) <= rel_tol)
+    assert res.S.numel() == expected
+    err = dense_relative_error(w, res.U * res.S, res.Vh)
+    assert err <= rel_tol + 1e-12
+    if expected > 0:  # one fewer would not do
+        assert _eckart_young(torch.tensor(sigma, dtype=torch.float64), expected - 1) > rel_tol
+
+
+def test_svd_rank_wins_over_rel_tol():
+    w = _with_spectrum(30, 20, [2.0 ** (-j) for j in range(12)], seed=6)
+    assert dense_low_rank(w, svd_rank=2, rel_tol=1e-9).S.numel() == 2
+
+
+# --------------------------------------------------------------------------- randomized path
+
+
+@pytest.fixture(scope="module")
+def exact_rank_20():
+    return _gauss(1500, 20, seed=7) @ _gauss(20, 1200, seed=8)
+
+
+def test_randomized_recovers_exact_low_rank(exact_rank_20, monkeypatch):
+    calls = _spy_randomized(monkeypatch)
+    res = dense_low_rank(exact_rank_20, svd_rank=20, generator=torch.Generator().manual_seed(0))
+    assert calls == [20]
+    assert res.U.shape == (1500, 20) and res.S.shape == (20,) and res.Vh.shape == (20, 1200)
+    assert res.U.dtype == torch.float64
+    assert dense_relative_error(exact_rank_20, res.U * res.S, res.Vh) < 1e-8
+    assert_close(res.U.T @ res.U, torch.eye(20, dtype=torch.float64))
+    assert_close(res.Vh @ res.Vh.T, torch.eye(20, dtype=torch.float64))
+
+
+def test_randomized_is_seeded(exact_rank_20):
+    a = dense_low_rank(exact_rank_20, svd_rank=5, generator=torch.Generator().manual_seed(1))
+    b = dense_low_rank(exact_rank_20, svd_rank=5, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a.U, b.U) and torch.equal(a.S, b.S) and torch.equal(a.Vh, b.Vh)
+
+
+def test_randomized_noisy_close_to_optimal(monkeypatch):
+    calls = _spy_randomized(monkeypatch)
+    sigma = torch.linspace(200.0, 50.0, 20, dtype=torch.float64).tolist()
+    w = _with_spectrum(1500, 1200, sigma, seed=9) + _gauss(1500, 1200, seed=10)  # noise spectrum up to ≈ 73
+    res = dense_low_rank(w, svd_rank=20, generator=torch.Generator().manual_seed(2))
+    assert calls == [20]
+    optimal = _eckart_young(torch.linalg.svdvals(w), 20)
+    err = dense_relative_error(w, res.U * res.S, res.Vh)
+    assert optimal <= err <= 1.05 * optimal
+
+
+def test_randomized_svd_directly_small():
+    w = _with_spectrum(80, 60, [5.0, 3.0, 1.0], seed=11)
+    res = randomized_svd(w, 3, oversample=2, n_iter=1, generator=torch.Generator().manual_seed(0))
+    assert_close(res.S, torch.tensor([5.0, 3.0, 1.0], dtype=torch.float64))
+    assert dense_relative_error(w, res.U * res.S, res.Vh) < 1e-10
+
+
+# --------------------------------------------------------------------------- errors and validation
+
+
+def test_dense_relative_error_values():
+    w = torch.tensor([[3.0, 0.0], [0.0, 4.0]], dtype=torch.float64)
+    b = torch.tensor([[1.0], [0.0]], dtype=torch.float64)
+    a = torch.tensor([[3.0, 0.0]], dtype=torch.float64)
+    assert math.isclose(dense_relative_error(w, b, a), 4.0 / 5.0)
+    assert math.isclose(dense_relative_error(w, b, a / 2, scaling=2.0), 4.0 / 5.0)
+    assert dense_relative_error(torch.zeros(2, 2), torch.zeros(2, 1), torch.zeros(1, 2)) == 0.0
+
+
+def test_zero_update():
+    res = dense_low_rank(torch.zeros(10, 6), rel_tol=1e-3)
+    assert res.S.numel() == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"svd_rank": -1}, {"rel_tol": -0.1}, {"rel_tol": float("nan")}, {"oversample": -1}, {"n_iter": -2}]
+)
+def test_invalid_options(kwargs):
+    with pytest.raises(ValueError):
+        dense_low_rank(_gauss(5, 4), **kwargs)
+
+
+def test_needs_2d():
+    with pytest.raises(ValueError, match="2-D"):
+        dense_low_rank(torch.zeros(2, 3, 4))
