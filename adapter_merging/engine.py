@@ -49,7 +49,8 @@ def check_configs(names: Sequence[str], configs: Sequence[Any], strategy: Strate
         if len(own) != len(parts[0]) or any(type(x) is not type(y) for x, y in zip(own, parts[0])):
             raise ValueError(
                 f"Cannot merge '{names[0]}' ({_describe(configs[0])}) with '{name}' ({_describe(config)}): "
-                "adapters of different methods or configuration types cannot be merged."
+                "adapters of different methods or configuration types cannot be merged. Merge only adapters of one "
+                "method (and one configuration), e.g. average the LoRA adapters and the bottleneck adapters separately."
             )
     families = set()
     for j, part in enumerate(parts[0]):
@@ -61,8 +62,12 @@ def check_configs(names: Sequence[str], configs: Sequence[Any], strategy: Strate
                 field, mine, theirs = diffs[0]
                 others = f" (and {', '.join(d[0] for d in diffs[1:])})" if len(diffs) > 1 else ""
                 hint = ""
-                if method.name == "lora" and field in ("r", "alpha"):
-                    hint = " LoRA adapters of different r or alpha can be merged with 'lora_delta_w_svd' or 'lora_delta_w_concat'."
+                if method.families_of(part) == {"lora"} and field in ("r", "alpha"):
+                    hint = (
+                        f" combine_strategy='{strategy.name}' combines the factors A and B entry by entry, so their "
+                        "shapes (r) and scalings (alpha) must match; LoRA adapters of different r or alpha can be "
+                        "merged with 'lora_delta_w_svd' or 'lora_delta_w_concat'."
+                    )
                 raise ValueError(
                     f"Cannot merge adapters with different configurations: '{names[0]}' has {field}={mine!r} "
                     f"but '{name}' has {field}={theirs!r}{others}. Merge adapters of one configuration.{hint}"
@@ -83,14 +88,16 @@ def merge_adapter_tensors(
 ) -> Tuple[Any, Tensors]:
     """Merge adapters given as configurations and {slot: tensor}; returns (config, {slot: tensor})."""
     parts = check_configs(names, configs, strategy)
-    slots = set(tensors[names[0]])
+    units = {name: {_unit(parts[0], s) for s in tensors[name]} for name in names}
     for name in names[1:]:
-        if set(tensors[name]) != slots:
-            missing = sorted(s.key(name) for s in slots - set(tensors[name]))[:3]
+        if units[name] != units[names[0]]:
+            missing = sorted(map(str, units[names[0]] - units[name]))[:3]
+            extra = sorted(map(str, units[name] - units[names[0]]))[:3]
             raise ValueError(
-                f"Adapters '{names[0]}' and '{name}' do not have the same tensors (e.g. {missing} is missing): "
-                "they were not created with the same configuration on the same model."
+                f"Adapters '{names[0]}' and '{name}' do not have the same tensors ('{name}' lacks {missing}, "
+                f"has unexpected {extra}): they were not created with the same configuration on the same model."
             )
+    slots = set().union(*(set(tensors[name]) for name in names))  # methods may store a unit differently per input
     owners = _assign_slots(parts[0], slots)
     generator = torch.Generator().manual_seed(options["seed"]) if "seed" in options else None
     ctx = MergeContext(list(names), list(weights), dict(tensors), strategy, dict(options), report, generator)
@@ -118,6 +125,16 @@ def _assign_slots(parts: Sequence[Any], slots) -> Dict[int, List[Slot]]:
             )
         owners.setdefault(candidates[0], []).append(slot)
     return owners
+
+
+def _unit(parts: Sequence[Any], slot: Slot):
+    """What must match across the inputs for ``slot``: the slot itself, or the method's unit of it (a
+    prefix-tuning location, stored flat by one input and reparameterised by another)."""
+    for part in parts:
+        method = method_for(part)
+        if slot.container in method.containers and hasattr(method, "unit_of"):
+            return method.unit_of(slot)
+    return slot
 
 
 def _describe(config) -> str:

@@ -184,12 +184,13 @@ def _rollback_adapter(model, adapter_name: str):
     """Undo every change to ``model`` if the block fails: remove the half-made adapter and restore a
     replaced one (configuration, tensors, active setup)."""
     old_config = model.adapters_config.get(adapter_name) if adapter_name in model.adapters_config else None
-    old_tensors = (
-        {s: t.detach().clone() for s, t in adapter_tensors(model_tensors(model), adapter_name).items()}
-        if old_config is not None
-        else None
-    )
-    active = model.adapters_config.active_setup
+    live = adapter_tensors(model_tensors(model), adapter_name) if old_config is not None else {}
+    old_tensors = {s: t.detach().clone() for s, t in live.items()} if old_config is not None else None
+    old_requires_grad = {s: t.requires_grad for s, t in live.items()}
+    config = model.adapters_config
+    registry = (dict(config.adapters), dict(config.config_map))  # add_adapter registers the new config
+    modes = {name: module.training for name, module in model.named_modules()}
+    active = config.active_setup
     tied_keys = copy.copy(getattr(model, "_tied_weights_keys", None))
     try:
         yield
@@ -200,7 +201,15 @@ def _rollback_adapter(model, adapter_name: str):
             with torch.random.fork_rng(devices=[]):
                 model.add_adapter(adapter_name, config=old_config)
             _write(model, adapter_name, old_tensors, ("adapter", adapter_tensors))
-        model.adapters_config.active_setup = active
+            for slot, tensor in adapter_tensors(model_tensors(model), adapter_name).items():
+                tensor.requires_grad_(old_requires_grad[slot])
+        for mapping, saved in zip((config.adapters, config.config_map), registry):
+            mapping.clear()
+            mapping.update(saved)
+        for name, module in model.named_modules():
+            if name in modes:
+                module.training = modes[name]
+        config.active_setup = active
         if hasattr(model, "_tied_weights_keys"):
             model._tied_weights_keys = tied_keys
         raise

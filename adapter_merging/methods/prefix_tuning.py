@@ -45,10 +45,11 @@ def _location(slot: Slot):
 def merge_prefixes(ctx, configs, slots):
     gates = [s for s in slots if s.container == "prefix_gates"]
     merged = linear_merge(ctx, gates)
+    # the slots of all inputs: a location is one flat tensor in a flat input, an MLP in a reparameterised one
     for (_, location), unit in group_by([s for s in slots if s.container == "prefix_tunings"], _location).items():
         prefixes: List[torch.Tensor] = []
         for name, config in zip(ctx.names, configs):
-            local = {s.param.split(".", 1)[1]: ctx.tensors[name][s] for s in unit}
+            local = {s.param.split(".", 1)[1]: t for s, t in ctx.tensors[name].items() if s in unit}
             prefixes.append(flat_prefix(local, config))
         shapes = {tuple(p.shape) for p in prefixes}
         if len(shapes) > 1:
@@ -57,7 +58,13 @@ def merge_prefixes(ctx, configs, slots):
     return configs[0].replace(flat=True), merged
 
 
-METHOD = Method(
+class _PrefixMethod(Method):
+    def unit_of(self, slot: Slot):
+        """Inputs must have the same prefix locations; how each stores one (flat or MLP) may differ."""
+        return _location(slot) if slot.container == "prefix_tunings" else slot
+
+
+METHOD = _PrefixMethod(
     name="prefix_tuning",
     config_types=(PrefixTuningConfig,),
     containers=("prefix_tunings", "prefix_gates"),

@@ -78,7 +78,8 @@ def truncation_error(singular_values: torch.Tensor, rank: int) -> tuple[float, f
     if total == 0.0:
         return 0.0, 1.0
     kept = float(energy[:rank].sum()) / total
-    return math.sqrt(max(0.0, 1.0 - kept)), kept
+    # the tail summed directly: √(1 − kept) would lose the digits of a small error to cancellation
+    return math.sqrt(float(energy[rank:].sum()) / total), kept
 
 
 def split_factors(
@@ -104,9 +105,40 @@ def split_factors(
 
 
 def lowrank_frobenius_norm(b: torch.Tensor, a: torch.Tensor) -> float:
-    """‖B·A‖_F from the factors: ‖B·A‖²_F = trace(BᵀB · AAᵀ) = Σ (BᵀB) ⊙ (AAᵀ), in O((d + k)·r²)."""
+    """‖B·A‖_F from the factors, in O((d + k)·r²): with B = Q_b R_b and Aᵀ = Q_a R_a (thin QRs),
+    ‖B·A‖_F = ‖R_b R_aᵀ‖_F. Backward stable, so the norm of a difference that cancels (a merged
+    update against its target) is accurate to ε·‖B‖‖A‖; the Gram form Σ (BᵀB) ⊙ (AAᵀ) would only
+    be accurate to √ε·‖B‖‖A‖ there."""
     b64, a64 = b.to(torch.float64), a.to(torch.float64)
-    return math.sqrt(max(0.0, float(((b64.T @ b64) * (a64 @ a64.T)).sum())))
+    if b64.numel() == 0 or a64.numel() == 0:
+        return 0.0
+    r_b = torch.linalg.qr(b64, mode="r").R
+    r_a = torch.linalg.qr(a64.T, mode="r").R
+    return float(torch.linalg.matrix_norm(r_b @ r_a.T))
+
+
+def svd_difference_norm(svd: LowRankSVD, b: torch.Tensor, a: torch.Tensor, scaling: float = 1.0) -> float:
+    """‖scaling·B·A − U·diag(S)·Vh‖_F with matrix products of width at most max(q, r), no QR.
+
+    With P = UᵀB', B⊥ = B' − U·P (B' = scaling·B) and Pₐ = A·Vhᵀ, A⊥ = A − Pₐ·Vh, the difference is
+    U(P·Pₐ − S)Vh + U·P·A⊥ + B⊥·Pₐ·Vh + B⊥·A⊥, four mutually orthogonal terms (UᵀB⊥ = 0, A⊥Vhᵀ = 0),
+    so its squared norm is the sum of theirs. Used to measure a re-factorised LoRA against the SVD
+    it came from: the first term carries the truncation, the others the rounding of the stored factors.
+    """
+    u, s, vh = (t.to(torch.float64) for t in svd)
+    b64, a64 = b.to(torch.float64) * float(scaling), a.to(torch.float64)
+    p = u.T @ b64
+    b_perp = b64 - u @ p
+    p_a = a64 @ vh.T
+    a_perp = a64 - p_a @ vh
+    core = p @ p_a - torch.diag(s)
+    total = (
+        float((core**2).sum())
+        + float(((p @ a_perp) ** 2).sum())
+        + float(((b_perp @ p_a) ** 2).sum())
+        + max(0.0, float(((b_perp.T @ b_perp) * (a_perp @ a_perp.T)).sum()))  # second order: rounding²
+    )
+    return math.sqrt(total)
 
 
 def lowrank_relative_error(
@@ -130,4 +162,5 @@ __all__ = [
     "split_factors",
     "lowrank_frobenius_norm",
     "lowrank_relative_error",
+    "svd_difference_norm",
 ]

@@ -5,7 +5,7 @@ import math
 from numbers import Real
 from typing import Mapping, Sequence
 
-#: |Σ wᵢ| below this is treated as zero when normalising.
+#: |Σ wᵢ| at most this fraction of Σ |wᵢ| is treated as zero when normalising.
 ZERO_SUM_TOLERANCE = 1e-8
 
 
@@ -42,7 +42,9 @@ def resolve_weights(
         )
     values = []
     for name, weight in zip(names, weights):
-        if isinstance(weight, bool) or not isinstance(weight, Real):
+        if isinstance(weight, (str, bytes, bool)) or type(weight).__name__ == "bool_":
+            raise TypeError(f"The weight of {kind} '{name}' must be a real number, got {weight!r}.")
+        if not isinstance(weight, Real):
             try:  # accept 0-d tensors and numpy scalars
                 weight = float(weight)
             except (TypeError, ValueError):
@@ -52,8 +54,16 @@ def resolve_weights(
             raise ValueError(f"The weight of {kind} '{name}' is {weight}: weights must be finite numbers.")
         values.append(weight)
     if normalize_weights:
-        total = math.fsum(values)
-        if abs(total) < ZERO_SUM_TOLERANCE:
+        try:
+            total = math.fsum(values)
+        except OverflowError:
+            total = math.inf
+        if not math.isfinite(total):
+            raise ValueError(
+                f"The weights {values} sum to more than a float can hold: pass smaller weights, "
+                "or normalize_weights=False."
+            )
+        if abs(total) <= ZERO_SUM_TOLERANCE * math.fsum(abs(w) for w in values):
             raise ValueError(
                 f"The weights {values} sum to (nearly) zero, so normalize_weights=True would divide by zero. "
                 "For task arithmetic or unlearning with negative weights pass normalize_weights=False."

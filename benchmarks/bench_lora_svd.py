@@ -1,0 +1,395 @@
+"""LoRA delta-W SVD merge: adapter_merging vs adapters 1.3.0 vs peft, on the same adapters.
+
+Setup (the defaults): a Llama-shaped model (hidden 2048, intermediate 5632, 2 layers, 16 heads and
+16 key/value heads, vocabulary 128), three LoRA adapters of rank 16 (alpha 16) with random non-zero
+A and B (seeded, identical values in every library), on every module ``adapters`` puts LoRA on with
+``LoRAConfig(selfattn_lora=True, attn_matrices=["q", "k", "v"], intermediate_lora=True,
+output_lora=True)``: per layer ``self_attn.q_proj``, ``k_proj``, ``v_proj`` (2048 × 2048),
+``mlp.up_proj`` (5632 × 2048) and ``mlp.down_proj`` (2048 × 5632), 10 modules in all (``adapters``
+1.3.0 has no LoRA for ``o_proj`` or ``gate_proj`` of Llama). Merge: weights [1, −1, 1],
+``normalize_weights=False``, ``svd_rank=48`` (= Σ rᵢ, the exact rank).
+
+Each library runs in its own subprocess (``--side``) so that timings and peak memory do not
+interfere; only the merge call is timed. Afterwards, and not timed, each side compares its merged
+adapter's effective update (its own scaling × B·A) with the exact target Σ λᵢ sᵢ Bᵢ Aᵢ formed
+densely in float64, module by module.
+
+    python benchmarks/bench_lora_svd.py                    # all sides, writes results/bench_lora_svd.json
+    python benchmarks/bench_lora_svd.py --quick            # small shapes, a smoke test
+    python benchmarks/bench_lora_svd.py --sides ours,adapters --timeout 900
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "bench_lora_svd.json"
+NAMES = ["lora_1", "lora_2", "lora_3"]
+SIDES = ("ours", "adapters", "peft")
+MODULES = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+
+
+# ============================================================================ one side (subprocess)
+def canonical(path: str) -> str:
+    """'layers.<i>.<self_attn|mlp>.<proj>' from any library's module path."""
+    match = re.search(r"layers\.(\d+)\.(self_attn|mlp)\.(\w+)$", path)
+    if not match:
+        raise ValueError(f"unexpected LoRA module path {path}")
+    return f"layers.{match.group(1)}.{match.group(2)}.{match.group(3)}"
+
+
+def random_factors(adapter: int, key: str, r: int, d_out: int, d_in: int):
+    """Seeded (B, A) of one adapter at one module, the same in every library: A ~ N(0, 1/d_in),
+    B ~ N(0, 0.02²), both non-zero (as if trained)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{adapter}:{key}".encode()))
+    a = torch.randn(r, d_in, generator=generator) / math.sqrt(d_in)
+    b = 0.02 * torch.randn(d_out, r, generator=generator)
+    return b, a
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs, sampled every 2 ms."""
+
+    def __init__(self):
+        self.peak = self.start = self._rss()
+        self._stop = threading.Event()
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.002)
+
+    def __enter__(self):
+        self.start = self.peak = self._rss()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    @property
+    def extra_mb(self) -> float:
+        return (self.peak - self.start) / 2**20
+
+
+def llama(args):
+    import torch
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+        num_attention_heads=16, num_key_value_heads=16, vocab_size=128,
+    )
+    model = LlamaModel(config)
+    model.eval()
+    return model
+
+
+def relative_errors(items):
+    """items: [(path, merged_delta, target_delta)] float64 → per-module and overall errors."""
+    import torch
+
+    per_module, diff_sq, ref_sq = {}, 0.0, 0.0
+    for path, merged, target in items:
+        d = float(torch.linalg.matrix_norm(merged - target)) ** 2
+        t = float(torch.linalg.matrix_norm(target)) ** 2
+        per_module[path] = math.sqrt(d / t)
+        diff_sq, ref_sq = diff_sq + d, ref_sq + t
+    return per_module, math.sqrt(diff_sq / ref_sq)
+
+
+def run_adapters_side(args, ours: bool) -> dict:
+    import adapters
+    import torch
+    from adapters import LoRAConfig
+
+    model = llama(args)
+    adapters.init(model)
+    config = LoRAConfig(
+        r=args.rank, alpha=args.alpha, selfattn_lora=True, attn_matrices=["q", "k", "v"],
+        intermediate_lora=True, output_lora=True,
+    )
+    for name in NAMES:
+        model.add_adapter(name, config=config)
+    layers = {p: m for p, m in model.named_modules() if hasattr(m, "loras") and NAMES[0] in m.loras}
+    with torch.no_grad():
+        for i, name in enumerate(NAMES):
+            for path, module in layers.items():
+                lora = module.loras[name]
+                b, a = random_factors(i, canonical(path), args.rank, *lora.lora_B.shape[:1], lora.lora_A.shape[1])
+                lora.lora_A.copy_(a)
+                lora.lora_B.copy_(b)
+    report = None
+    if ours:
+        import adapter_merging
+
+        adapter_merging.init(model)
+    times = []
+    with PeakRSS() as memory:
+        for _ in range(args.repeat if ours else 1):  # adapters' own merge takes minutes: once
+            start = time.perf_counter()
+            result = model.average_adapter(
+                "merged", NAMES, weights=args.weights, combine_strategy="lora_delta_w_svd",
+                normalize_weights=False, svd_rank=args.svd_rank, overwrite_ok=True,
+            )
+            times.append(time.perf_counter() - start)
+    seconds = sorted(times)[len(times) // 2]
+    if ours:
+        report = result
+    # ---- not timed: the dense float64 reference
+    items = []
+    for path, module in layers.items():
+        target = sum(
+            w * module.loras[n].scaling * (module.loras[n].lora_B.double() @ module.loras[n].lora_A.double())
+            for n, w in zip(NAMES, args.weights)
+        )
+        merged = module.loras["merged"]
+        items.append((canonical(path), merged.scaling * (merged.lora_B.double() @ merged.lora_A.double()), target))
+    per_module, overall = relative_errors(items)
+    merged_config = model.adapters_config.get("merged")
+    out = {
+        "seconds": seconds,
+        "seconds_all_runs": times,
+        "peak_extra_rss_mb": memory.extra_mb,
+        "max_relative_error": max(per_module.values()),
+        "overall_relative_error": overall,
+        "relative_error_per_module": per_module,
+        "merged_r": merged_config["r"],
+        "merged_alpha": merged_config["alpha"],
+        "modules": sorted(per_module),
+    }
+    if report is not None:
+        out["report_max_error"] = report.max_error
+        out["report_summary"] = report.summary()
+    return out
+
+
+def run_peft_side(args) -> dict:
+    import peft
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model = llama(args)
+    config = LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=list(MODULES), lora_dropout=0.0)
+    model = get_peft_model(model, config, adapter_name=NAMES[0])
+    for name in NAMES[1:]:
+        model.add_adapter(name, config)
+    layers = {p: m for p, m in model.named_modules() if hasattr(m, "lora_A") and NAMES[0] in m.lora_A}
+    with torch.no_grad():
+        for i, name in enumerate(NAMES):
+            for path, module in layers.items():
+                weight_a, weight_b = module.lora_A[name].weight, module.lora_B[name].weight
+                b, a = random_factors(i, canonical(path), args.rank, weight_b.shape[0], weight_a.shape[1])
+                weight_a.copy_(a)
+                weight_b.copy_(b)
+    with PeakRSS() as memory:
+        start = time.perf_counter()
+        model.add_weighted_adapter(
+            NAMES, args.weights, adapter_name="merged", combination_type="svd", svd_rank=args.svd_rank
+        )
+        seconds = time.perf_counter() - start
+    items = []
+    for path, module in layers.items():
+        def delta(name):
+            return module.scaling[name] * (
+                module.lora_B[name].weight.double() @ module.lora_A[name].weight.double()
+            )
+
+        target = sum(w * delta(n) for n, w in zip(NAMES, args.weights))
+        items.append((canonical(path), delta("merged"), target))
+    per_module, overall = relative_errors(items)
+    return {
+        "seconds": seconds,
+        "peak_extra_rss_mb": memory.extra_mb,
+        "max_relative_error": max(per_module.values()),
+        "overall_relative_error": overall,
+        "relative_error_per_module": per_module,
+        "merged_r": model.peft_config["merged"].r,
+        "merged_alpha": model.peft_config["merged"].lora_alpha,
+        "peft_version": peft.__version__,
+        "modules": sorted(per_module),
+    }
+
+
+def side_main(args) -> None:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.side == "peft":
+        result = run_peft_side(args)
+    else:
+        result = run_adapters_side(args, ours=args.side == "ours")
+    print("RESULT " + json.dumps(result))
+
+
+# ============================================================================ driver
+def machine_info() -> dict:
+    import adapters
+    import torch
+    import transformers
+
+    info = {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_model": _cpu_model(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "adapters": adapters.__version__,
+        "transformers": transformers.__version__,
+        "load_average_at_start": list(os.getloadavg()),
+    }
+    try:
+        import peft
+
+        info["peft"] = peft.__version__
+    except ImportError:  # pragma: no cover
+        info["peft"] = None
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:  # pragma: no cover
+        pass
+    return platform.processor()
+
+
+def run_side(side: str, args) -> dict:
+    command = [
+        sys.executable, str(Path(__file__).resolve()), "--side", side,
+        "--hidden", str(args.hidden), "--intermediate", str(args.intermediate), "--layers", str(args.layers),
+        "--rank", str(args.rank), "--alpha", str(args.alpha), "--svd-rank", str(args.svd_rank),
+        "--weights", ",".join(str(w) for w in args.weights), "--repeat", str(args.repeat),
+    ] + (["--threads", str(args.threads)] if args.threads else [])
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    print(f"[{side}] running ...", flush=True)
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, env=env, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout", "timeout_s": args.timeout}
+    wall = time.perf_counter() - start
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        return {"status": "failed", "returncode": done.returncode, "stderr_tail": done.stderr[-2000:]}
+    result = json.loads(lines[-1][len("RESULT "):])
+    result["status"] = "ok"
+    result["subprocess_wall_s"] = wall
+    print(f"[{side}] merge {result['seconds']:.3f} s, error {result['max_relative_error']:.3e}", flush=True)
+    return result
+
+
+def table(results: dict) -> str:
+    ours = results.get("ours", {})
+    rows = [
+        ("library", "merge time (s)", "× ours", "peak extra RSS (MB)", "max rel. error", "overall rel. error", "r / alpha")
+    ]
+    labels = {"ours": "adapter_merging", "adapters": "adapters (own average_adapter)", "peft": "peft add_weighted_adapter"}
+    for side, result in results.items():
+        if result.get("status") != "ok":
+            rows.append((labels[side], result.get("status", "?"), "", "", "", "", ""))
+            continue
+        ratio = result["seconds"] / ours["seconds"] if ours.get("status") == "ok" else float("nan")
+        rows.append((
+            labels[side], f"{result['seconds']:.3f}", f"{ratio:.0f}" if side != "ours" else "1",
+            f"{result['peak_extra_rss_mb']:.0f}", f"{result['max_relative_error']:.2e}",
+            f"{result['overall_relative_error']:.2e}", f"{result['merged_r']} / {result['merged_alpha']}",
+        ))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    lines = [" | ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--sides", default=",".join(SIDES), help="comma-separated subset of ours,adapters,peft")
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--intermediate", type=int, default=5632)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--alpha", type=int, default=16)
+    parser.add_argument("--svd-rank", type=int, default=48)
+    parser.add_argument("--weights", type=lambda s: [float(x) for x in s.split(",")], default=[1.0, -1.0, 1.0])
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per side")
+    parser.add_argument("--repeat", type=int, default=5, help="runs of our merge (the median is reported)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads in every side (default: torch's)")
+    parser.add_argument("--quick", action="store_true", help="hidden 256, intermediate 704: a smoke test")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.hidden, args.intermediate = 256, 704
+    if args.side:
+        side_main(args)
+        return
+    sides = [s for s in args.sides.split(",") if s]
+    info = machine_info()
+    setup = {
+        "model": f"LlamaModel hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
+                 "16 heads, 16 kv heads, vocab 128, float32",
+        "adapters": f"3 LoRA, r {args.rank}, alpha {args.alpha}, random non-zero A and B (seeded)",
+        "lora_modules_per_layer": [f"self_attn.{m}" for m in MODULES[:3]] + [f"mlp.{m}" for m in MODULES[3:]],
+        "adapters_config": "LoRAConfig(r, alpha, selfattn_lora=True, attn_matrices=['q','k','v'], "
+                           "intermediate_lora=True, output_lora=True)",
+        "peft_config": f"LoraConfig(r, lora_alpha, target_modules={list(MODULES)})",
+        "merge": {"weights": args.weights, "normalize_weights": False, "svd_rank": args.svd_rank,
+                  "combine_strategy": "lora_delta_w_svd (peft: combination_type='svd', defaults)"},
+        "error": "relative Frobenius error of the merged adapter's effective update (its scaling × B·A) "
+                 "against Σ λᵢ sᵢ Bᵢ Aᵢ formed densely in float64; per module (max) and over all modules",
+        "timing": "wall time of the merge call only, each library in its own subprocess; ours: median of "
+                  f"{args.repeat} runs, the others: one run",
+        "torch_threads": args.threads or "torch default",
+    }
+    results = {side: run_side(side, args) for side in sides}
+    info["load_average_at_end"] = list(os.getloadavg())
+    text = table(results)
+    print()
+    print(text)
+    ours = results.get("ours", {})
+    summary = {}
+    for side in ("adapters", "peft"):
+        if results.get(side, {}).get("status") == "ok" and ours.get("status") == "ok":
+            summary[f"speedup_vs_{side}"] = results[side]["seconds"] / ours["seconds"]
+    if summary:
+        print("\n" + ", ".join(f"{k}: {v:.0f}×" for k, v in summary.items()))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(
+        json.dumps({"machine": info, "setup": setup, "results": results, "summary": summary, "table": text},
+                   indent=2, ensure_ascii=False) + "\n"
+    )
+    print(f"\nwrote {args.output.relative_to(ROOT) if args.output.is_relative_to(ROOT) else args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""Bad input gets a ValueError/TypeError naming the problem and the fix, and leaves the model as it was.
+
+Every failing call here is followed by a full comparison with a snapshot taken before it
+(``test_atomicity.assert_unchanged``: tensors, adapter configuration and registry, active setup,
+requires_grad, train/eval modes, heads).
+"""
+from __future__ import annotations
+
+import math
+
+import adapters
+import pytest
+import torch
+from adapters import AdapterConfig, SeqBnConfig
+from transformers import AutoModel
+
+import adapter_merging
+from conftest import TINY_CONFIGS, randomize_adapter, tiny_adapter_model, tiny_init_model
+from test_atomicity import assert_unchanged, snapshot
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = tiny_adapter_model("bert")
+    for name, config in [
+        ("bn_a", "seq_bn"),
+        ("bn_b", "seq_bn"),
+        ("bn_r8", SeqBnConfig(reduction_factor=8)),
+        ("lora_a", "lora"),
+        ("lora_b", "lora"),
+        ("lora_r4", adapters.LoRAConfig(r=4)),
+        ("vera_1", adapters.VeraConfig(init_weights_seed=1)),
+        ("vera_2", adapters.VeraConfig(init_weights_seed=2)),
+        ("taken", "seq_bn"),
+    ]:
+        m.add_adapter(name, config=config)
+        randomize_adapter(m, name, seed=len(name))
+    m.set_active_adapters("bn_a")
+    return m
+
+
+def fails(model, exc, *keywords, call=None, **kwargs):
+    """Call ``model.average_adapter(**kwargs)`` (or ``call``), expect ``exc`` whose message contains every
+    keyword, and check the model is unchanged. Returns the message."""
+    before, rng = snapshot(model), torch.get_rng_state()
+    with pytest.raises(exc) as err:
+        (call or model.average_adapter)(**kwargs)
+    message = str(err.value)
+    for keyword in keywords:
+        assert keyword in message, f"{keyword!r} not in: {message}"
+    assert_unchanged(before, model)
+    assert torch.equal(torch.get_rng_state(), rng)
+    return message
+
+
+# ----------------------------------------------------------------------------- names
+def test_unknown_adapter(model):
+    fails(model, ValueError, "Unknown adapter(s) ['nope']", "The model has", "bn_a", "Add or load them first",
+          adapter_name="x", adapter_list=["bn_a", "nope"])
+
+
+def test_unknown_adapter_in_dict(model):
+    fails(model, ValueError, "Unknown adapter(s) ['nope']", adapter_name="x", adapter_list={"nope": 1.0})
+
+
+def test_empty_list(model):
+    fails(model, ValueError, "No adapters to merge", "at least one adapter", adapter_name="x", adapter_list=[])
+
+
+def test_empty_dict(model):
+    fails(model, ValueError, "at least one adapter", adapter_name="x", adapter_list={})
+
+
+def test_duplicate_names(model):
+    fails(model, ValueError, "Duplicate adapter names ['bn_a']", "summed weight",
+          adapter_name="x", adapter_list=["bn_a", "bn_b", "bn_a"])
+
+
+def test_non_string_name(model):
+    fails(model, TypeError, "names must be strings", adapter_name="x", adapter_list=["bn_a", 3])
+
+
+def test_string_instead_of_list(model):
+    fails(model, TypeError, "list or a dict", adapter_name="x", adapter_list="bn_a")
+
+
+@pytest.mark.parametrize("name", ["", None, 3])
+def test_invalid_new_name(model, name):
+    fails(model, TypeError, "non-empty string", adapter_name=name, adapter_list=["bn_a", "bn_b"])
+
+
+def test_new_name_with_dot(model):
+    fails(model, ValueError, "must not contain '.'", adapter_name="a.b", adapter_list=["bn_a", "bn_b"])
+
+
+def test_existing_target_without_overwrite_ok(model):
+    fails(model, ValueError, "'taken' already exists", "overwrite_ok=True", adapter_name="taken",
+          adapter_list=["bn_a", "bn_b"])
+
+
+def test_target_is_an_input_without_overwrite_ok(model):
+    fails(model, ValueError, "already exists", "overwrite_ok=True", adapter_name="bn_a", adapter_list=["bn_a", "bn_b"])
+
+
+# ----------------------------------------------------------------------------- weights
+@pytest.mark.parametrize("weights", [[1.0], [1.0, 2.0, 3.0]])
+def test_wrong_number_of_weights(model, weights):
+    fails(model, ValueError, f"Got {len(weights)} weights for 2 adapters", "one weight per adapter",
+          adapter_name="x", adapter_list=["bn_a", "bn_b"], weights=weights)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_weight(model, bad):
+    fails(model, ValueError, "'bn_b'", "finite", adapter_name="x", adapter_list=["bn_a", "bn_b"],
+          weights=[1.0, bad], normalize_weights=False)
+
+
+def test_non_numeric_weight(model):
+    fails(model, TypeError, "'bn_b'", "real number", adapter_name="x", adapter_list=["bn_a", "bn_b"],
+          weights=[1.0, "2"])
+
+
+def test_zero_sum_weights_with_normalization(model):
+    fails(model, ValueError, "zero", "normalize_weights=False", adapter_name="x", adapter_list=["bn_a", "bn_b"],
+          weights=[1.0, -1.0])
+
+
+def test_negative_sum_weights_with_normalization(model):
+    fails(model, ValueError, "< 0", "normalize_weights=False", adapter_name="x",
+          adapter_list={"bn_a": -2.0, "bn_b": 1.0})
+
+
+def test_weights_dict_and_adapter_dict(model):
+    fails(model, ValueError, "not both", adapter_name="x", adapter_list={"bn_a": 1.0}, weights=[1.0])
+
+
+# ----------------------------------------------------------------------------- configurations
+def test_different_methods(model):
+    fails(model, ValueError, "'lora_a'", "'bn_a'", "different methods", "Merge only adapters of one method",
+          adapter_name="x", adapter_list=["lora_a", "bn_a"])
+
+
+def test_different_configurations_names_the_field(model):
+    message = fails(model, ValueError, "different configurations", "reduction_factor", "16", "8",
+                    "Merge adapters of one configuration", adapter_name="x", adapter_list=["bn_a", "bn_r8"])
+    assert "'bn_a' has reduction_factor=16" in message and "'bn_r8' has reduction_factor=8" in message
+
+
+def test_lora_different_rank_with_linear_suggests_delta_w(model):
+    fails(model, ValueError, "r=8", "r=4", "lora_delta_w_svd", "lora_delta_w_concat",
+          adapter_name="x", adapter_list=["lora_a", "lora_r4"])
+
+
+def test_vera_different_seeds(model):
+    fails(model, ValueError, "different frozen projections", "init_weights_seed", "VeraConfig(init_weights_seed=",
+          adapter_name="x", adapter_list=["vera_1", "vera_2"])
+
+
+# ----------------------------------------------------------------------------- strategies and options
+def test_strategy_not_supported_by_method_lists_supported(model):
+    message = fails(model, ValueError, "combine_strategy='lora_delta_w_svd' does not support", "bottleneck",
+                    "Strategies that support these adapters", "'linear'",
+                    adapter_name="x", adapter_list=["bn_a", "bn_b"], combine_strategy="lora_delta_w_svd")
+    assert "lora_delta_w_concat" not in message
+
+
+def test_unknown_strategy(model):
+    fails(model, ValueError, "Unknown combine_strategy 'average'", "Available", "'linear'", "'lora_delta_w_svd'",
+          adapter_name="x", adapter_list=["bn_a", "bn_b"], combine_strategy="average")
+
+
+def test_svd_rank_with_linear_is_rejected(model):
+    fails(model, ValueError, "svd_rank=4 has no effect", "combine_strategy='linear'", "remove it", "lora_delta_w_svd",
+          adapter_name="x", adapter_list=["lora_a", "lora_b"], svd_rank=4)
+
+
+def test_unknown_option(model):
+    fails(model, TypeError, "Unknown option(s) ['densty']", "Its options are", "density",
+          adapter_name="x", adapter_list=["lora_a", "lora_b"], combine_strategy="ties", densty=0.3)
+
+
+def test_option_for_strategy_without_options(model):
+    fails(model, TypeError, "Unknown option(s) ['seed']", "Its options are: none",
+          adapter_name="x", adapter_list=["bn_a", "bn_b"], seed=3)
+
+
+@pytest.mark.parametrize("rank, exc, keyword", [
+    (0, ValueError, "positive integer"),
+    (-1, ValueError, "positive integer"),
+    (2.5, TypeError, "positive integer"),
+    (True, TypeError, "positive integer"),
+    ("4", TypeError, "positive integer"),
+])
+def test_invalid_svd_rank(model, rank, exc, keyword):
+    fails(model, exc, "svd_rank", keyword, repr(rank), adapter_name="x", adapter_list=["lora_a", "lora_b"],
+          combine_strategy="lora_delta_w_svd", svd_rank=rank)
+
+
+# ----------------------------------------------------------------------------- models that are not adapter models
+def test_plain_transformers_model_rejected():
+    plain = AutoModel.from_config(TINY_CONFIGS["bert"]())
+    with pytest.raises(TypeError, match="adapters.init") as err:
+        adapter_merging.average_adapter(plain, "x", ["a", "b"])
+    assert "not set up for adapters" in str(err.value) and "AutoAdapterModel" in str(err.value)
+
+
+def test_init_on_plain_model_rejected():
+    plain = AutoModel.from_config(TINY_CONFIGS["bert"]())
+    with pytest.raises(TypeError, match="adapters.init"):
+        adapter_merging.init(plain)
+    assert not hasattr(plain, "average_head") and type(plain).__name__ == "BertModel"
+
+
+def test_init_is_idempotent_and_returns_model():
+    m = tiny_init_model("bert")
+    cls = type(m)
+    assert adapter_merging.init(m) is m and type(m) is cls
+    assert isinstance(m, adapter_merging.ModelMixin)
+
+
+def test_average_head_on_model_without_heads():
+    m = tiny_init_model("bert")
+    with pytest.raises(TypeError, match="no prediction heads") as err:
+        m.average_head("h", ["a", "b"])
+    assert "AutoAdapterModel" in str(err.value)
+
+
+def test_error_on_init_model_leaves_it_unchanged():
+    m = tiny_init_model("bert")
+    m.add_adapter("a", config="seq_bn")
+    m.add_adapter("b", config=AdapterConfig.load("seq_bn", reduction_factor=2))
+    fails(m, ValueError, "reduction_factor", adapter_name="x", adapter_list=["a", "b"])
