@@ -20,6 +20,17 @@ import adapter_merging.model_mixin as model_mixin
 from conftest import model_inputs, randomize_adapter, tiny_adapter_model, tiny_init_model
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy CI machine two spinning OpenMP
+    threads per op make these tests several times slower; restored after this module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+
 # ----------------------------------------------------------------------------- snapshots
 def snapshot(model) -> dict:
     """Everything a merge could change, copied."""
@@ -122,8 +133,9 @@ def inject(kind, monkeypatch, model):
 
 # ----------------------------------------------------------------------------- injected failures
 @pytest.mark.parametrize("kind", INJECTIONS)
-def test_failure_after_adding_new_adapter_rolls_back(kind, monkeypatch):
-    model = make_model("seq_bn")
+@pytest.mark.parametrize("method", ["seq_bn", "prefix_tuning"])  # prefix: the merged config (flat) is new
+def test_failure_after_adding_new_adapter_rolls_back(method, kind, monkeypatch):
+    model = make_model(CONFIGS[method])
     model.set_active_adapters("a")
     before = snapshot(model)
     injected = inject(kind, monkeypatch, model)

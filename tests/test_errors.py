@@ -19,8 +19,19 @@ from conftest import TINY_CONFIGS, randomize_adapter, tiny_adapter_model, tiny_i
 from test_atomicity import assert_unchanged, snapshot
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy CI machine two spinning OpenMP
+    threads per op make these tests several times slower; restored after this module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+
+@pytest.fixture
+def model():  # one per test: a bug in one case must not leak into the next
     m = tiny_adapter_model("bert")
     for name, config in [
         ("bn_a", "seq_bn"),

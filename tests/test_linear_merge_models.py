@@ -18,6 +18,17 @@ from adapters import AdapterConfig
 from adapter_merging.methods.reft import BASE, ORIGINAL
 from conftest import ARCHITECTURES, model_inputs, randomize_adapter, tiny_adapter_model, tiny_init_model
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy CI machine two spinning OpenMP
+    threads per op make these tests several times slower; restored after this module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 A, B, MERGED = "in0", "in1", "mrg"
 WEIGHTS = (0.7, -0.4)  # both signs, normalize_weights=False
 
@@ -435,3 +446,29 @@ def test_copy_of_config_is_used_not_mutated():
     model.average_adapter(MERGED, [A, B])
     assert model.adapters_config.match(A, adapters.PrefixTuningConfig)["flat"] is False
     assert model.adapters_config.match(MERGED, adapters.PrefixTuningConfig)["flat"] is True
+
+
+def test_prefix_tuning_flat_and_reparameterised_inputs_merge_in_flat_space():
+    model = tiny_adapter_model("bert")
+    model.add_adapter(A, config=adapters.PrefixTuningConfig(prefix_length=5))
+    model.add_adapter(B, config=adapters.PrefixTuningConfig(prefix_length=5, flat=True, bottleneck_size=64))
+    for i, name in enumerate((A, B)):
+        randomize_adapter(model, name, seed=i + 3)
+    model.average_adapter(MERGED, {A: 0.25, B: 0.75})
+    state = model.state_dict()
+    keys = [k for k in state if f".{MERGED}." in k and k.endswith(".control_trans")]
+    assert keys and all(f".{MERGED}." not in k for k in state if k.endswith(".wte.weight"))
+    for key in keys:
+        expected = 0.25 * _ejected(model, _input_key(key, A)) + 0.75 * state[_input_key(key, B)]
+        torch.testing.assert_close(state[key], expected, rtol=1e-5, atol=1e-6)
+    model.average_adapter("solo_flat", {A: 0.0, B: 1.0}, normalize_weights=False)
+    torch.testing.assert_close(output(model, "solo_flat"), output(model, B), rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_tuning_different_lengths_rejected():
+    model = tiny_adapter_model("bert")
+    model.add_adapter(A, config=adapters.PrefixTuningConfig(prefix_length=5))
+    model.add_adapter(B, config=adapters.PrefixTuningConfig(prefix_length=7))
+    with pytest.raises(ValueError, match="prefix_length"):
+        model.average_adapter(MERGED, [A, B])
+    assert MERGED not in model.adapters_config

@@ -27,6 +27,16 @@ from adapter_merging.ops.lowrank import (
 SETTINGS = settings(max_examples=40, deadline=None)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from more threads, and on a shared, oversubscribed CPU torch's
+    OpenMP threads make every small operation wait for a descheduled thread (10–100× slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @st.composite
 def factor_lists(draw, max_dim: int = 14, max_adapters: int = 4, max_rank: int = 5):
     """[(B_i, A_i)] of one layer (d × r_i, r_i × k) and coefficients c_i of both signs.
@@ -44,7 +54,10 @@ def factor_lists(draw, max_dim: int = 14, max_adapters: int = 4, max_rank: int =
     degenerate = draw(st.sampled_from(["none", "shared_a", "zero_b"]))
     generator = torch.Generator().manual_seed(seed)
     factors = [
-        (torch.randn(d, r, generator=generator, dtype=torch.float64), torch.randn(r, k, generator=generator, dtype=torch.float64))
+        (
+            torch.randn(d, r, generator=generator, dtype=torch.float64),
+            torch.randn(r, k, generator=generator, dtype=torch.float64),
+        )
         for r in ranks
     ]
     if degenerate == "shared_a" and n > 1:
@@ -249,7 +262,9 @@ def test_lowrank_relative_error_equals_dense(first, second):
 
 
 @SETTINGS
-@given(factor_lists(), st.integers(1, 12), st.floats(0.1, 5), st.sampled_from([torch.float64, torch.float32, torch.bfloat16]))
+@given(
+    factor_lists(), st.integers(1, 12), st.floats(0.1, 5), st.sampled_from([torch.float64, torch.float32, torch.bfloat16])
+)
 def test_svd_difference_norm_equals_dense(case, rank, scaling, dtype):
     """‖s·B·A − U S Vh‖ of re-factorised (and rounded) factors against the SVD they came from."""
     factors, coefficients = case

