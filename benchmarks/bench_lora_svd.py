@@ -312,9 +312,12 @@ def run_side(side: str, args) -> dict:
 def table(results: dict) -> str:
     ours = results.get("ours", {})
     rows = [
-        ("library", "merge time (s)", "× ours", "peak extra RSS (MB)", "max rel. error", "overall rel. error", "r / alpha")
+        ("library", "merge time (s)", "× ours", "peak extra RSS (MB)", "max rel. error", "overall rel. error",
+         "r / alpha")
     ]
-    labels = {"ours": "adapter_merging", "adapters": "adapters (own average_adapter)", "peft": "peft add_weighted_adapter"}
+    labels = {
+        "ours": "adapter_merging", "adapters": "adapters (own average_adapter)", "peft": "peft add_weighted_adapter",
+    }
     for side, result in results.items():
         if result.get("status") != "ok":
             rows.append((labels[side], result.get("status", "?"), "", "", "", "", ""))
