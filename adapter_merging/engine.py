@@ -1,7 +1,7 @@
 """The one merge engine: configurations + tensors in, configuration + tensors out.
 
 It never touches a model; the model mixin (and any file-based front end) gathers the inputs'
-tensors by :class:`~adapter_merging.state.Slot`, calls :func:`merge_adapter_tensors`, and writes the
+tensors by `adapter_merging.state.Slot`, calls `merge_adapter_tensors`, and writes the
 result. Each configuration part is handed to the method module that owns it
 (``methods/<method>.py``), together with the slots of that method's containers.
 """

@@ -42,8 +42,8 @@ def average_adapter(
     Drop-in for ``adapters``' ``model.average_adapter``: weights default to 1/N, a dict
     ``{name: weight}`` is honoured, ``normalize_weights`` divides by Σ wᵢ (which must be > 0; pass
     ``normalize_weights=False`` to unlearn with negative weights). ``combine_strategy`` is one of
-    :data:`adapter_merging.STRATEGIES`; ``svd_rank`` and ``**strategy_options`` are its options.
-    On any error the model is left exactly as it was. Returns a :class:`MergeReport`.
+    `adapter_merging.STRATEGIES`; ``svd_rank`` and ``**strategy_options`` are its options.
+    On any error the model is left exactly as it was. Returns a `MergeReport`.
     """
     _check_adapter_model(model)
     _check_new_name(adapter_name, "adapter")
@@ -89,7 +89,7 @@ def average_head(
     set_active: bool = False,
 ) -> None:
     """Add the prediction head ``head_name`` as Σ λᵢ headᵢ of heads of one class and configuration
-    (number of labels and label names included). Weights as in :func:`average_adapter`. Weights tied
+    (number of labels and label names included). Weights as in `average_adapter`. Weights tied
     to the input embeddings stay tied. On any error the model is left exactly as it was."""
     if not isinstance(getattr(model, "heads", None), torch.nn.ModuleDict):
         raise TypeError(
@@ -233,8 +233,8 @@ def _rollback_head(model, head_name: str):
 
 
 class ModelMixin:
-    """Mixed into a model's class by :func:`adapter_merging.init`: ``average_adapter`` and
-    ``average_head`` with the ``adapters`` signatures, done by :mod:`adapter_merging`."""
+    """Mixed into a model's class by `adapter_merging.init`: ``average_adapter`` and
+    ``average_head`` with the ``adapters`` signatures, done by `adapter_merging`."""
 
     def average_adapter(
         self,
@@ -273,7 +273,7 @@ _MIXED_CLASSES: Dict[type, type] = {}
 
 
 def init(model: torch.nn.Module) -> torch.nn.Module:
-    """Give ``model`` the :class:`ModelMixin` (idempotent) and return it.
+    """Give ``model`` the `ModelMixin` (idempotent) and return it.
 
     The model must already be an ``adapters`` model (``adapters.init(model)`` or
     ``AutoAdapterModel``); its class is swapped for a subclass with the same name."""

@@ -1,7 +1,7 @@
 """Where an adapter's tensors live: state-dict keys parsed into slots.
 
 ``adapters`` stores every adapter's tensors under a container keyed by the adapter's name, e.g.
-``bert.encoder.layer.0.attention.self.query.loras.<name>.lora_A``. A :class:`Slot` is such a key
+``bert.encoder.layer.0.attention.self.query.loras.<name>.lora_A``. A `Slot` is such a key
 with the name taken out, so the same slot addresses the same tensor of every adapter of one
 configuration, in a model or in a saved adapter file alike.
 """

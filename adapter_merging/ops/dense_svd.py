@@ -63,7 +63,7 @@ def dense_low_rank(
       (``svd_rank`` wins over ``rel_tol``; neither keeps the full rank). Used when
       min(d, k) ≤ ``randomized_threshold``, when ``svd_rank`` is None, or when
       svd_rank + oversample ≥ min(d, k) (a sketch that wide saves nothing);
-    * randomized: :func:`randomized_svd` with q = svd_rank otherwise.
+    * randomized: `randomized_svd` with q = svd_rank otherwise.
     """
     if delta_w.ndim != 2:
         raise ValueError(f"dense_low_rank needs a 2-D update (d × k), got shape {tuple(delta_w.shape)}.")

@@ -121,7 +121,7 @@ def breadcrumbs_mask(task: torch.Tensor, density: float, gamma: float) -> torch.
     With N = numel, G = ceil(gamma·N) and K = ceil(density·N), the entries of magnitude rank
     G < rank ≤ min(N, G + K) are kept, i.e. the top ``gamma`` fraction and everything below the
     next ``density`` fraction are dropped (gamma + density clipped at 1). gamma=0 gives
-    :func:`magnitude_mask`.
+    `magnitude_mask`.
     """
     density = check_density(density)
     gamma = check_gamma(gamma)
@@ -151,7 +151,7 @@ def elect_sign(weighted_tasks: torch.Tensor, method: str = "total") -> torch.Ten
     * ``"frequency"``: γ = sign(Σᵢ sign(λᵢτ̂ᵢ))
 
     Returns γ ∈ {−1, 0, +1} with the task shape and the input dtype. Where γ = 0 (a tie, or all
-    entries zero) no sign is elected and :func:`disjoint_merge` yields 0 there.
+    entries zero) no sign is elected and `disjoint_merge` yields 0 there.
     """
     method = check_sign_method(method)
     if method == "total":
