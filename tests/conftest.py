@@ -84,7 +84,7 @@ def model_inputs(model, batch: int = 2, length: int = 7, seed: int = 1) -> dict:
 
 def randomize_adapter(model, name: str, scale: float = 0.1, seed: int = 0) -> None:
     """Give every trainable tensor of adapter ``name`` a random non-zero value (as if trained)."""
-    from adapter_merging.state import adapter_tensors, model_tensors
+    from adapter_merging.state import adapter_tensors
 
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -92,6 +92,16 @@ def randomize_adapter(model, name: str, scale: float = 0.1, seed: int = 0) -> No
             if slot.container == "shared_parameters" and "lora" in slot.param:
                 continue  # VeRA's frozen projections stay as created
             tensor.add_(scale * torch.randn(tensor.shape, generator=generator).to(tensor.dtype))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine torch's spinning
+    OpenMP threads make every small operation wait (measured 5–10× slower test files)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(params=ARCHITECTURES)

@@ -20,15 +20,6 @@ import adapter_merging.model_mixin as model_mixin
 from conftest import model_inputs, randomize_adapter, tiny_adapter_model, tiny_init_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy CI machine two spinning OpenMP
-    threads per op make these tests several times slower; restored after this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 
 # ----------------------------------------------------------------------------- snapshots

@@ -141,7 +141,7 @@ def test_python_blocks_run(path, tmp_path, monkeypatch):
 def test_mkdocs_site_builds_strictly(tmp_path):
     for module in ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers.python"):
         if not _importable(module):
-            pytest.skip(f"{module} is not installed (pip install -e \".[test]\" installs the docs toolchain)")
+            pytest.fail(f"{module} is not installed: pip install -e \".[test]\" installs the docs toolchain")
     result = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
         cwd=ROOT, capture_output=True, text=True, timeout=300,

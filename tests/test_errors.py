@@ -19,15 +19,6 @@ from conftest import TINY_CONFIGS, randomize_adapter, tiny_adapter_model, tiny_i
 from test_atomicity import assert_unchanged, snapshot
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy CI machine two spinning OpenMP
-    threads per op make these tests several times slower; restored after this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 
 @pytest.fixture

@@ -10,15 +10,6 @@ from conftest import model_inputs, tiny_adapter_model
 from test_atomicity import Once, assert_unchanged, snapshot
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy CI machine two spinning OpenMP
-    threads per op make these tests several times slower; restored after this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 
 def _randomize_head(model, name, seed):

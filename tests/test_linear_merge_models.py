@@ -19,15 +19,6 @@ from adapter_merging.methods.reft import BASE, ORIGINAL
 from conftest import ARCHITECTURES, model_inputs, randomize_adapter, tiny_adapter_model, tiny_init_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy CI machine two spinning OpenMP
-    threads per op make these tests several times slower; restored after this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 A, B, MERGED = "in0", "in1", "mrg"
 WEIGHTS = (0.7, -0.4)  # both signs, normalize_weights=False

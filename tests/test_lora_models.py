@@ -47,15 +47,6 @@ DIFFERENT_WEIGHTS = [1.0, -0.8, 0.6]
 EQUAL_WEIGHTS = [0.9, -0.6, 0.4]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from more threads, and on a shared, oversubscribed CPU torch's
-    OpenMP threads make every small operation wait for a descheduled thread (10–100× slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def configs(matrices, ranks, alphas):
     return [

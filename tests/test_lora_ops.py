@@ -27,15 +27,6 @@ from adapter_merging.ops.lowrank import (
 SETTINGS = settings(max_examples=40, deadline=None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from more threads, and on a shared, oversubscribed CPU torch's
-    OpenMP threads make every small operation wait for a descheduled thread (10–100× slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @st.composite
 def factor_lists(draw, max_dim: int = 14, max_adapters: int = 4, max_rank: int = 5):

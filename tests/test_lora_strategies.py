@@ -20,15 +20,6 @@ from conftest import model_inputs, randomize_adapter, tiny_adapter_model
 EXACT = 1e-5  # relative error allowed for exact strategies (float32 storage of the merged factors)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from more threads, and on a shared, oversubscribed CPU torch's
-    OpenMP threads make every small operation wait for a descheduled thread (10–100× slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ============================================================================ the reference
 def lora_modules(model, name: str) -> dict:

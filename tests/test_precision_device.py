@@ -15,15 +15,6 @@ from conftest import model_inputs, tiny_adapter_model
 from test_linear_merge_models import A, B, MERGED, add_inputs, expected_linear, output
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy CI machine two spinning OpenMP
-    threads per op make these tests several times slower; restored after this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 METHODS = {

@@ -48,14 +48,6 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The matrices here are tiny (≤ 96 × 37): one thread is faster, and far faster on a busy CI box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # =========================================================================== model helpers
 def _model(arch="bert", specs=SPECS3, seed=0, **lora_kwargs):

@@ -12,15 +12,6 @@ from adapter_merging.state import adapter_tensors, model_tensors
 from conftest import randomize_adapter, tiny_adapter_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy CI machine two spinning OpenMP
-    threads per op make these tests several times slower; restored after this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 
 # ----------------------------------------------------------------------------- resolve_weights
