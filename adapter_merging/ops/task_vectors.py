@@ -84,9 +84,21 @@ def _count(fraction: float, numel: int) -> int:
     return max(0, min(numel, math.ceil(fraction * numel * (1.0 - 1e-12))))
 
 
-def _magnitude_order(task: torch.Tensor) -> torch.Tensor:
-    """Flat indices of ``task`` by decreasing |x|; ties keep the lower flat index first."""
-    return torch.argsort(task.detach().abs().reshape(-1), descending=True, stable=True)
+def _top_mask(magnitude: torch.Tensor, count: int) -> torch.Tensor:
+    """Boolean mask of the ``count`` largest entries of the flat ``magnitude``; among equal values
+    the lower index ranks first. A selection, not a sort: with v the count-th largest value
+    (``kthvalue``), keep every entry > v and the first (count − #{> v}) entries equal to v.
+    O(N) time and no N-long index tensor, unlike an argsort."""
+    n = magnitude.numel()
+    if count <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=magnitude.device)
+    if count >= n:
+        return torch.ones(n, dtype=torch.bool, device=magnitude.device)
+    threshold = torch.kthvalue(magnitude, n - count + 1).values
+    mask = magnitude > threshold
+    missing = count - int(mask.sum())
+    mask[torch.nonzero(magnitude == threshold).flatten()[:missing]] = True
+    return mask
 
 
 def _apply_mask(task: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -95,10 +107,13 @@ def _apply_mask(task: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def _rank_window_mask(task: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Boolean mask of the entries ranked start+1 … stop by magnitude (1-based ranks)."""
-    mask = torch.zeros(task.numel(), dtype=torch.bool, device=task.device)
-    if stop > start:
-        mask[_magnitude_order(task)[start:stop]] = True
+    """Boolean mask of the entries ranked start+1 … stop by decreasing |x| (1-based ranks; ties
+    keep the lower flat index first; NaN ranks as the largest magnitude, like +inf)."""
+    magnitude = task.detach().abs().reshape(-1)
+    magnitude = torch.where(torch.isnan(magnitude), torch.full_like(magnitude, math.inf), magnitude)
+    mask = _top_mask(magnitude, stop)
+    if start > 0:
+        mask &= ~_top_mask(magnitude, start)
     return mask.view(task.shape)
 
 
@@ -144,6 +159,15 @@ def dare_mask(
 # --------------------------------------------------------------------------- TIES building blocks
 
 
+def _sum_in_order(tensors) -> torch.Tensor:
+    """t₀ + t₁ + … + tₙ₋₁, added left to right into one buffer (the order of a plain loop)."""
+    iterator = iter(tensors)
+    total = next(iterator).clone()
+    for tensor in iterator:
+        total += tensor
+    return total
+
+
 def elect_sign(weighted_tasks: torch.Tensor, method: str = "total") -> torch.Tensor:
     """TIES sign election on the weighted trimmed tasks λᵢτ̂ᵢ (stacked on dim 0):
 
@@ -154,9 +178,8 @@ def elect_sign(weighted_tasks: torch.Tensor, method: str = "total") -> torch.Ten
     entries zero) no sign is elected and `disjoint_merge` yields 0 there.
     """
     method = check_sign_method(method)
-    if method == "total":
-        return torch.sign(weighted_tasks.sum(dim=0))
-    return torch.sign(torch.sign(weighted_tasks).sum(dim=0))
+    votes = weighted_tasks if method == "total" else (torch.sign(t) for t in weighted_tasks)
+    return torch.sign(_sum_in_order(votes))
 
 
 def disjoint_merge(
@@ -173,18 +196,38 @@ def disjoint_merge(
     plain task arithmetic Σᵢ λᵢτ̂ᵢ. A task whose entry is 0 is left out of A_p, so the others are
     rescaled to the full weight mass Σᵢ |λᵢ| (the TIES convention).
     """
-    lam = _check_tasks(weighted_tasks, weights)
-    agree = (torch.sign(weighted_tasks) == elected_sign.unsqueeze(0)) & (weighted_tasks != 0)
-    numerator = torch.where(agree, weighted_tasks, torch.zeros_like(weighted_tasks)).sum(dim=0)
-    mass = torch.where(agree, lam.abs().expand_as(weighted_tasks), torch.zeros_like(weighted_tasks)).sum(dim=0)
-    total_mass = lam.abs().sum()
-    safe = torch.where(mass > 0, mass, torch.ones_like(mass))
-    return torch.where(mass > 0, total_mass * numerator / safe, torch.zeros_like(numerator))
+    lam = _check_tasks(weighted_tasks, weights).reshape(-1).abs()
+    numerator = torch.zeros_like(weighted_tasks[0])
+    mass = torch.zeros_like(weighted_tasks[0])
+    for task, weight in zip(weighted_tasks, lam):  # one task at a time: no n × shape temporaries
+        agree = task * elected_sign > 0  # sign(x) = γ ≠ 0 (false for x = 0, γ = 0 and NaN)
+        numerator += torch.where(agree, task, 0.0)
+        mass += agree * weight
+    total_mass = lam.sum()
+    safe = torch.where(mass > 0, mass, 1.0)
+    return torch.where(mass > 0, total_mass * numerator / safe, 0.0)
+
+
+def _trim(tasks: torch.Tensor, mask_of) -> torch.Tensor:
+    """τ̂ᵢ = mask_of(τᵢ) ⊙ τᵢ for each task, into one new tensor of the shape of ``tasks``."""
+    trimmed = torch.empty_like(tasks)
+    for i, task in enumerate(tasks):
+        trimmed[i] = _apply_mask(task, mask_of(task))
+    return trimmed
+
+
+def _weighted_sum(tasks: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """Σᵢ λᵢτᵢ, one task at a time and in order (λ₀τ₀ + λ₁τ₁ + …)."""
+    total = lam[0] * tasks[0]
+    for weight, task in zip(lam[1:], tasks[1:]):
+        total += weight * task
+    return total
 
 
 def _sign_merge(trimmed: torch.Tensor, lam: torch.Tensor, weights: Sequence[float], method: str) -> torch.Tensor:
-    """Weight the trimmed tasks, elect signs and take the disjoint merge."""
-    weighted = lam * trimmed
+    """Weight the trimmed tasks (in place: ``trimmed`` is a fresh tensor of the caller's), elect
+    signs and take the disjoint merge."""
+    weighted = trimmed.mul_(lam)
     return disjoint_merge(weighted, elect_sign(weighted, method), weights)
 
 
@@ -203,7 +246,7 @@ def _dare_drop(tasks: torch.Tensor, density: float, generator: Optional[torch.Ge
 def task_arithmetic(tasks: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
     """Task arithmetic (Ilharco et al. 2023): τ_m = Σᵢ λᵢτᵢ."""
     lam = _check_tasks(tasks, weights)
-    return (lam * tasks).sum(dim=0)
+    return _weighted_sum(tasks, lam)
 
 
 def ties(
@@ -214,7 +257,7 @@ def ties(
     lam = _check_tasks(tasks, weights)
     check_density(density)
     check_sign_method(majority_sign_method)
-    trimmed = torch.stack([_apply_mask(t, magnitude_mask(t, density)) for t in tasks])
+    trimmed = _trim(tasks, lambda task: magnitude_mask(task, density))
     return _sign_merge(trimmed, lam, weights, majority_sign_method)
 
 
@@ -225,7 +268,7 @@ def dare_linear(
     (one mask per task, drawn in order from ``generator``), τ_m = Σᵢ λᵢτ̂ᵢ. E[τ_m] = Σᵢ λᵢτᵢ."""
     lam = _check_tasks(tasks, weights)
     density = check_density(density)
-    return (lam * _dare_drop(tasks, density, generator)).sum(dim=0)
+    return _weighted_sum(_dare_drop(tasks, density, generator), lam)
 
 
 def dare_ties(
@@ -247,8 +290,7 @@ def magnitude_prune(tasks: torch.Tensor, weights: Sequence[float], density: floa
     """Magnitude pruning: τ_m = Σᵢ λᵢ (magnitude_mask(τᵢ, density) ⊙ τᵢ)."""
     lam = _check_tasks(tasks, weights)
     check_density(density)
-    trimmed = torch.stack([_apply_mask(t, magnitude_mask(t, density)) for t in tasks])
-    return (lam * trimmed).sum(dim=0)
+    return _weighted_sum(_trim(tasks, lambda task: magnitude_mask(task, density)), lam)
 
 
 def breadcrumbs(tasks: torch.Tensor, weights: Sequence[float], density: float, gamma: float) -> torch.Tensor:
@@ -256,8 +298,7 @@ def breadcrumbs(tasks: torch.Tensor, weights: Sequence[float], density: float, g
     lam = _check_tasks(tasks, weights)
     check_density(density)
     check_gamma(gamma)
-    trimmed = torch.stack([_apply_mask(t, breadcrumbs_mask(t, density, gamma)) for t in tasks])
-    return (lam * trimmed).sum(dim=0)
+    return _weighted_sum(_trim(tasks, lambda task: breadcrumbs_mask(task, density, gamma)), lam)
 
 
 __all__ = [

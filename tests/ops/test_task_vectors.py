@@ -267,6 +267,28 @@ def test_magnitude_mask_ties_broken_by_flat_index():
     assert torch.equal(magnitude_mask(task, 1.0), torch.ones(2, 3, dtype=torch.bool))
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    values=st.lists(st.integers(-3, 3), min_size=1, max_size=40),
+    density=st.floats(0.01, 1.0),
+    gamma=st.floats(0.0, 0.99),
+)
+def test_masks_match_reference_ranks_with_many_ties(values, density, gamma):
+    # small integers: most magnitudes tie, so the selection must break ties by flat index exactly
+    task = torch.tensor(values, dtype=torch.float64)
+    ranks = _ref_ranks([float(v) for v in values])
+    n, k, g = len(values), _ref_ceil(density, len(values)), _ref_ceil(gamma, len(values))
+    assert magnitude_mask(task, density).tolist() == [r <= k for r in ranks]
+    assert breadcrumbs_mask(task, density, gamma).tolist() == [g < r <= min(n, g + k) for r in ranks]
+
+
+def test_masks_rank_non_finite_entries_first():
+    # +inf, -inf and NaN count as the largest magnitudes (ties among them by flat index)
+    task = torch.tensor([1.0, math.nan, -math.inf, 5.0, math.inf, -2.0])
+    assert magnitude_mask(task, 0.5).tolist() == [False, True, True, False, True, False]
+    assert breadcrumbs_mask(task, 0.3, 0.5).tolist() == [False, False, False, True, False, True]
+
+
 def test_breadcrumbs_mask_band():
     task = torch.tensor([10.0, -9.0, 8.0, -7.0, 6.0, 5.0, -4.0, 3.0, 2.0, 1.0])
     # gamma 0.2 drops the top 2, density 0.3 keeps the next 3
