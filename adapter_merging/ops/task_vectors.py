@@ -16,6 +16,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .linear import linear_combination
+
 #: valid ``majority_sign_method`` values of TIES / DARE-TIES sign election.
 SIGN_METHODS = ("total", "frequency")
 
@@ -216,14 +218,6 @@ def _trim(tasks: torch.Tensor, mask_of) -> torch.Tensor:
     return trimmed
 
 
-def _weighted_sum(tasks: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """Σᵢ λᵢτᵢ, one task at a time and in order (λ₀τ₀ + λ₁τ₁ + …)."""
-    total = lam[0] * tasks[0]
-    for weight, task in zip(lam[1:], tasks[1:]):
-        total += weight * task
-    return total
-
-
 def _sign_merge(trimmed: torch.Tensor, lam: torch.Tensor, weights: Sequence[float], method: str) -> torch.Tensor:
     """Weight the trimmed tasks (in place: ``trimmed`` is a fresh tensor of the caller's), elect
     signs and take the disjoint merge."""
@@ -245,8 +239,8 @@ def _dare_drop(tasks: torch.Tensor, density: float, generator: Optional[torch.Ge
 
 def task_arithmetic(tasks: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
     """Task arithmetic (Ilharco et al. 2023): τ_m = Σᵢ λᵢτᵢ."""
-    lam = _check_tasks(tasks, weights)
-    return _weighted_sum(tasks, lam)
+    _check_tasks(tasks, weights)
+    return linear_combination(tasks.unbind(0), weights)
 
 
 def ties(
@@ -266,9 +260,9 @@ def dare_linear(
 ) -> torch.Tensor:
     """DARE (Yu et al. 2024) with a linear merge: τ̂ᵢ = mᵢ ⊙ τᵢ / density, mᵢ ~ Bernoulli(density)
     (one mask per task, drawn in order from ``generator``), τ_m = Σᵢ λᵢτ̂ᵢ. E[τ_m] = Σᵢ λᵢτᵢ."""
-    lam = _check_tasks(tasks, weights)
+    _check_tasks(tasks, weights)
     density = check_density(density)
-    return _weighted_sum(_dare_drop(tasks, density, generator), lam)
+    return linear_combination(_dare_drop(tasks, density, generator).unbind(0), weights)
 
 
 def dare_ties(
@@ -288,17 +282,17 @@ def dare_ties(
 
 def magnitude_prune(tasks: torch.Tensor, weights: Sequence[float], density: float) -> torch.Tensor:
     """Magnitude pruning: τ_m = Σᵢ λᵢ (magnitude_mask(τᵢ, density) ⊙ τᵢ)."""
-    lam = _check_tasks(tasks, weights)
+    _check_tasks(tasks, weights)
     check_density(density)
-    return _weighted_sum(_trim(tasks, lambda task: magnitude_mask(task, density)), lam)
+    return linear_combination(_trim(tasks, lambda task: magnitude_mask(task, density)).unbind(0), weights)
 
 
 def breadcrumbs(tasks: torch.Tensor, weights: Sequence[float], density: float, gamma: float) -> torch.Tensor:
     """Model Breadcrumbs: τ_m = Σᵢ λᵢ (breadcrumbs_mask(τᵢ, density, gamma) ⊙ τᵢ)."""
-    lam = _check_tasks(tasks, weights)
+    _check_tasks(tasks, weights)
     check_density(density)
     check_gamma(gamma)
-    return _weighted_sum(_trim(tasks, lambda task: breadcrumbs_mask(task, density, gamma)), lam)
+    return linear_combination(_trim(tasks, lambda task: breadcrumbs_mask(task, density, gamma)).unbind(0), weights)
 
 
 __all__ = [
