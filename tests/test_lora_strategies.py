@@ -174,6 +174,19 @@ def test_linear_report_shows_the_cross_term_error(bert_equal):
     assert report.max_error > 0.5, "independent random adapters: the cross-terms are as large as the target"
 
 
+def test_report_target_says_what_it_measures_for_dora():
+    """DoRA applies m ⊙ (W + sBA)/‖W + sBA‖: the report measures the low-rank part s·B·A only, and
+    its target says so (and that the magnitudes are merged linearly); plain LoRA keeps Σ λᵢ ΔWᵢ."""
+    model = tiny_adapter_model("bert")
+    dora = add_loras(model, [DoRAConfig(r=2, alpha=4), DoRAConfig(r=2, alpha=4)], prefix="dora_")
+    lora = add_loras(model, [LoRAConfig(r=2, alpha=4), LoRAConfig(r=2, alpha=4)], prefix="lora_")
+    report = merge(model, dora, [0.6, 0.4], "linear")
+    assert report.target.startswith("Σ λᵢ sᵢBᵢAᵢ, the low-rank part only")
+    assert "DoRA magnitudes are merged linearly and not measured" in report.summary()
+    assert report.modules and report.max_error > 0  # the low-rank part is still measured
+    assert merge(model, lora, [0.6, 0.4], "linear").target == "Σ λᵢ ΔWᵢ"
+
+
 # ============================================================================ lora_linear_only_negate_b
 def test_negate_b_rule(bert_equal):
     model, names = bert_equal
