@@ -111,6 +111,25 @@ def merge_adapter_tensors(
     return new_config, merged
 
 
+def check_finite(new_name: str, names: Sequence[str], inputs: Mapping[str, Tensors], merged: Tensors, kind: str) -> None:
+    """Refuse a merge whose result holds NaN or ±inf: name the input that has them, or else the
+    merged tensor that overflowed its dtype. Runs before anything is written to the model."""
+    bad = next((slot for slot in sorted(merged) if not bool(torch.isfinite(merged[slot]).all())), None)
+    if bad is None:
+        return
+    for name in names:
+        for slot in sorted(inputs[name]):
+            if not bool(torch.isfinite(inputs[name][slot]).all()):
+                raise ValueError(
+                    f"The {kind} '{name}' has non-finite values (NaN or inf) in {slot.key(name)}, so the merge "
+                    f"would be too. Leave it out, or reload or retrain it."
+                )
+    raise ValueError(
+        f"The merged value of {bad.key(new_name)} is not finite: the weights make it overflow "
+        f"{merged[bad].dtype}. Use smaller weights (e.g. normalize_weights=True)."
+    )
+
+
 def _assign_slots(parts: Sequence[Any], slots) -> Dict[int, List[Slot]]:
     """Which configuration part (method) merges each slot."""
     owners: Dict[int, List[Slot]] = {}

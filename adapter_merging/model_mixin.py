@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
-from .engine import merge_adapter_tensors
+from .engine import check_finite, merge_adapter_tensors
 from .ops import combine_state_dicts, resolve_weights
 from .report import MergeReport
 from .state import HEAD_CONTAINERS, Slot, adapter_tensors, model_tensors
@@ -67,6 +67,7 @@ def average_adapter(
     new_config, merged = merge_adapter_tensors(
         names, [w for _, w in inputs], configs, tensors, strategy, options, report
     )
+    check_finite(adapter_name, names, tensors, merged, "adapter")
     with _rollback_adapter(model, adapter_name):
         if adapter_name in model.adapters_config:
             model.delete_adapter(adapter_name)
@@ -124,6 +125,7 @@ def average_head(
     named = model_tensors(model)
     tensors = [_detached(adapter_tensors(named, n, containers=HEAD_CONTAINERS)) for n in names]
     merged = combine_state_dicts(tensors, [w for _, w in inputs])
+    check_finite(head_name, names, dict(zip(names, tensors)), merged, "head")
     with _rollback_head(model, head_name):
         if head_name in model.heads:
             model.delete_head(head_name)

@@ -117,6 +117,45 @@ def test_non_finite_weight(model, bad):
           weights=[1.0, bad], normalize_weights=False)
 
 
+def test_input_with_non_finite_values_is_named(model):
+    with torch.no_grad():
+        model.bert.encoder.layer[1].output.adapters["bn_b"].adapter_down[0].weight[0, 0] = math.nan
+    before = snapshot(model)
+    with pytest.raises(ValueError) as err:
+        model.average_adapter("x", ["bn_a", "bn_b"])
+    message = str(err.value)
+    assert "'bn_b'" in message and "non-finite" in message and "layer.1.output.adapters.bn_b" in message
+    assert "x" not in model.adapters_config
+    # the snapshot holds the NaN itself, which torch.equal never matches: compare it with equal_nan
+    after = snapshot(model)
+    assert after["state"].keys() == before["state"].keys()
+    assert all(torch.allclose(after["state"][k], v, rtol=0, atol=0, equal_nan=True) for k, v in before["state"].items())
+    assert after["adapters_config"] == before["adapters_config"]
+
+
+@pytest.mark.parametrize("strategy", ["linear", "lora_delta_w_concat"])
+def test_overflow_of_the_stored_dtype_is_refused(model, strategy):
+    # half-precision inputs are merged in float32 and stored in float16, whose largest value is 65504
+    half = tiny_adapter_model("bert")
+    for name in ("a", "b"):
+        half.add_adapter(name, config="lora")
+        randomize_adapter(half, name, seed=len(name))
+    half.half()
+    fails(half, ValueError, "merged value of", "float16", "smaller weights", adapter_name="x",
+          adapter_list=["a", "b"], weights=[1e6, 1e6], normalize_weights=False, combine_strategy=strategy)
+
+
+def test_head_with_non_finite_values_is_named():
+    m = tiny_adapter_model("bert")
+    for name in ("h1", "h2"):
+        m.add_classification_head(name, num_labels=2)
+    with torch.no_grad():
+        next(m.heads["h2"].parameters()).view(-1)[0] = math.inf
+    with pytest.raises(ValueError, match=r"head 'h2' has non-finite values \(NaN or inf\) in heads\.h2\."):
+        m.average_head("avg", ["h1", "h2"])
+    assert "avg" not in m.heads
+
+
 def test_non_numeric_weight(model):
     fails(model, TypeError, "'bn_b'", "real number", adapter_name="x", adapter_list=["bn_a", "bn_b"],
           weights=[1.0, "2"])
