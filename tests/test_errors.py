@@ -145,6 +145,19 @@ def test_overflow_of_the_stored_dtype_is_refused(model, strategy):
           adapter_list=["a", "b"], weights=[1e6, 1e6], normalize_weights=False, combine_strategy=strategy)
 
 
+def test_finite_tensor_whose_sum_overflows_is_accepted():
+    # the fast path sums each merged tensor; a sum can overflow while every entry is finite
+    from adapter_merging.engine import check_finite
+    from adapter_merging.state import Slot
+
+    slot = Slot("layer", "loras", "lora_A")
+    big = torch.full((10,), 6.0e4, dtype=torch.float16)  # finite; its float16 sum is inf
+    assert torch.isinf(big.sum())
+    check_finite("x", ["a"], {"a": {slot: big}}, {slot: big}, "adapter")
+    with pytest.raises(ValueError, match="merged value of layer.loras.x.lora_A"):
+        check_finite("x", ["a"], {"a": {slot: big}}, {slot: torch.cat([big, big.new_tensor([math.inf])])}, "adapter")
+
+
 def test_head_with_non_finite_values_is_named():
     m = tiny_adapter_model("bert")
     for name in ("h1", "h2"):
