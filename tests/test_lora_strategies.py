@@ -185,6 +185,8 @@ def test_report_target_says_what_it_measures_for_dora():
     assert "DoRA magnitudes are merged linearly and not measured" in report.summary()
     assert report.modules and report.max_error > 0  # the low-rank part is still measured
     assert merge(model, lora, [0.6, 0.4], "linear").target == "Σ λᵢ ΔWᵢ"
+    gated = add_loras(model, [LoRAConfig(r=2, alpha=4, use_gating=True)] * 2, prefix="gated_")
+    assert "the gates are merged linearly and not measured" in merge(model, gated, [0.6, 0.4], "linear").target
 
 
 # ============================================================================ lora_linear_only_negate_b

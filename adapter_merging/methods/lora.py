@@ -115,7 +115,9 @@ def merge_lora(ctx: MergeContext, configs, slots):
         if ctx.strategy.name == "linear" and _mixed_signs(ctx.weights) and kind in _CROSS_TERM_FAMILIES:
             warnings.warn(_cross_term_warning(kind), UserWarning, stacklevel=_user_stacklevel())
         if ctx.report is not None and kind in _PARTLY_MEASURED:
-            ctx.report.target = f"Σ λᵢ sᵢBᵢAᵢ, the low-rank part only ({_PARTLY_MEASURED[kind]} not measured)"
+            ctx.report.target = (
+                f"Σ λᵢ sᵢBᵢAᵢ, the low-rank part only ({_PARTLY_MEASURED[kind]} are merged linearly and not measured)"
+            )
         for unit in units.values():
             merged.update(_merge_parameters(ctx, configs, unit, kind))
         return configs[0], merged
@@ -137,7 +139,7 @@ def _mixed_signs(weights: Sequence[float]) -> bool:
 #: families whose update is a product of merged parameters, so ``linear`` has cross-terms
 _CROSS_TERM_FAMILIES = ("lora", "dora", "lora_gated", "mtl_lora", "vera")
 #: families whose report measures only s·B·A: what else they apply, merged linearly but not measured
-_PARTLY_MEASURED = {"dora": "the DoRA magnitudes are merged linearly and", "lora_gated": "the gates are merged linearly and"}
+_PARTLY_MEASURED = {"dora": "the DoRA magnitudes", "lora_gated": "the gates"}
 
 
 def _cross_term_warning(kind: str) -> str:
