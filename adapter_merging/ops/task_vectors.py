@@ -161,15 +161,6 @@ def dare_mask(
 # --------------------------------------------------------------------------- TIES building blocks
 
 
-def _sum_in_order(tensors) -> torch.Tensor:
-    """t₀ + t₁ + … + tₙ₋₁, added left to right into one buffer (the order of a plain loop)."""
-    iterator = iter(tensors)
-    total = next(iterator).clone()
-    for tensor in iterator:
-        total += tensor
-    return total
-
-
 def elect_sign(weighted_tasks: torch.Tensor, method: str = "total") -> torch.Tensor:
     """TIES sign election on the weighted trimmed tasks λᵢτ̂ᵢ (stacked on dim 0):
 
@@ -180,8 +171,8 @@ def elect_sign(weighted_tasks: torch.Tensor, method: str = "total") -> torch.Ten
     entries zero) no sign is elected and `disjoint_merge` yields 0 there.
     """
     method = check_sign_method(method)
-    votes = weighted_tasks if method == "total" else (torch.sign(t) for t in weighted_tasks)
-    return torch.sign(_sum_in_order(votes))
+    votes = weighted_tasks.unbind(0) if method == "total" else [torch.sign(t) for t in weighted_tasks]
+    return torch.sign(linear_combination(votes, [1.0] * len(votes)))
 
 
 def disjoint_merge(
