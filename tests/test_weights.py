@@ -147,6 +147,8 @@ def test_non_numeric_weight_rejected(bad):
 def test_weights_not_a_sequence_rejected():
     with pytest.raises(TypeError, match="list of numbers"):
         resolve_weights(["a", "b"], 0.5)
+    with pytest.raises(TypeError, match="list of numbers"):
+        resolve_weights(["a", "b"], "0.5, 0.5")
 
 
 @pytest.mark.parametrize(
@@ -171,6 +173,63 @@ def test_array_and_scalar_weights_accepted(weights):
 def test_dict_with_numpy_and_tensor_values_accepted():
     resolved = resolve_weights({"a": np.float64(1.0), "b": torch.tensor(-1.0)}, normalize_weights=False)
     assert resolved == [("a", 1.0), ("b", -1.0)]
+
+
+@pytest.mark.parametrize(
+    "names, weights",
+    [({"a", "b"}, None), (frozenset({"a", "b"}), [1.0, 2.0]), (["a", "b"], {1.0, 2.0}), (["a", "b"], frozenset({1.0}))],
+    ids=["set-names", "frozenset-names", "set-weights", "frozenset-weights"],
+)
+def test_unordered_collections_rejected(names, weights):
+    """A set has no order: positional weights would go to whichever name it yields first."""
+    with pytest.raises(TypeError, match="unordered") as err:
+        resolve_weights(names, weights)
+    assert "list" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [np.True_, np.bool_(False), torch.tensor(True), np.complex128(1 + 2j), np.complex64(1), torch.tensor(1 + 1j)],
+    ids=["numpy-true", "numpy-false", "bool-tensor", "numpy-complex", "numpy-complex-real", "complex-tensor"],
+)
+def test_bool_and_complex_scalars_rejected(bad):
+    with pytest.raises(TypeError, match="real number") as err:
+        resolve_weights(["a", "b"], [1.0, bad])
+    assert "'b'" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "weights", [np.array([True, False]), torch.tensor([True, True]), np.array([1 + 0j, 2 + 0j])],
+    ids=["bool-array", "bool-tensor", "complex-array"],
+)
+def test_bool_and_complex_arrays_rejected(weights):
+    with pytest.raises(TypeError, match="real number"):
+        resolve_weights(["a", "b"], weights)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_integer_too_large_for_a_float_rejected(normalize):
+    with pytest.raises(ValueError, match="too large") as err:
+        resolve_weights(["a", "b"], [1, 10**400], normalize_weights=normalize)
+    assert "'b'" in str(err.value)
+
+
+@pytest.mark.parametrize("weights", [torch.tensor(0.5), np.float64(0.5), np.array(0.5), 0.5])
+def test_scalar_weights_rejected_with_the_fix(weights):
+    with pytest.raises(TypeError, match="one weight per adapter") as err:
+        resolve_weights(["a"], weights)
+    assert "[0.5]" in str(err.value)
+
+
+def test_two_dimensional_weights_rejected():
+    with pytest.raises(TypeError, match="1-D"):
+        resolve_weights(["a", "b"], torch.ones(2, 1))
+
+
+@pytest.mark.parametrize("flag", [None, "False", 0, 1, np.True_])
+def test_normalize_flag_must_be_a_bool(flag):
+    with pytest.raises(TypeError, match="normalize_weights must be True or False"):
+        resolve_weights(["a", "b"], [1.0, 2.0], normalize_weights=flag)
 
 
 # ----------------------------------------------------------------------------- through average_adapter

@@ -2,11 +2,19 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Set
 from numbers import Real
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 #: |Σ wᵢ| at most this fraction of Σ |wᵢ| is treated as zero when normalising.
 ZERO_SUM_TOLERANCE = 1e-8
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """A keyword that must be a real ``bool``: ``"False"``, ``None`` or ``0`` are refused, not read by truthiness."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__}).")
+    return value
 
 
 def resolve_weights(
@@ -20,10 +28,15 @@ def resolve_weights(
     * no weights → λᵢ = 1/N;
     * ``names`` (or ``weights``) as a dict ``{name: weight}`` is honoured;
     * ``normalize_weights`` → λᵢ = wᵢ / Σⱼ wⱼ, which needs Σ wⱼ > 0.
+
+    Unordered collections (sets) are refused: positional weights would depend on their iteration order.
     """
+    check_flag("normalize_weights", normalize_weights)
     names, weights = _split_names_and_weights(names, weights, kind)
     if len(names) == 0:
-        raise ValueError(f"No {kind}s to merge: pass at least one {kind} name.")
+        raise ValueError(  # adapters' first sentence, then ours
+            f"No {kind}s to average. Pass at least one {kind} name (a list, or a dict {{name: weight}})."
+        )
     for name in names:
         if not isinstance(name, str):
             raise TypeError(f"{kind.capitalize()} names must be strings, got {name!r} ({type(name).__name__}).")
@@ -40,19 +53,7 @@ def resolve_weights(
             f"Got {len(weights)} weights for {len(names)} {kind}s ({list(names)}): "
             f"pass exactly one weight per {kind}, or a dict {{name: weight}}."
         )
-    values = []
-    for name, weight in zip(names, weights):
-        if isinstance(weight, (str, bytes, bool)) or type(weight).__name__ == "bool_":
-            raise TypeError(f"The weight of {kind} '{name}' must be a real number, got {weight!r}.")
-        if not isinstance(weight, Real):
-            try:  # accept 0-d tensors and numpy scalars
-                weight = float(weight)
-            except (TypeError, ValueError):
-                raise TypeError(f"The weight of {kind} '{name}' must be a real number, got {weight!r}.") from None
-        weight = float(weight)
-        if not math.isfinite(weight):
-            raise ValueError(f"The weight of {kind} '{name}' is {weight}: weights must be finite numbers.")
-        values.append(weight)
+    values = [_real_weight(weight, f"{kind} '{name}'") for name, weight in zip(names, weights)]
     if normalize_weights:
         try:
             total = math.fsum(values)
@@ -77,9 +78,41 @@ def resolve_weights(
     return list(zip(names, values))
 
 
+def _real_weight(weight: Any, owner: str) -> float:
+    """``weight`` as a finite float: Python, numpy and 0-d tensor reals are fine; bools (also numpy's
+    and bool tensors), complex numbers (whose imaginary part would be dropped) and strings are not."""
+    dtype = str(getattr(weight, "dtype", ""))
+    if (
+        isinstance(weight, (str, bytes, bool, complex))
+        or "bool" in dtype
+        or "complex" in dtype
+        or (not isinstance(weight, Real) and getattr(weight, "ndim", 0) != 0)
+    ):
+        raise TypeError(f"The weight of {owner} must be a real number, got {weight!r}.")
+    try:  # Python reals, numpy scalars, 0-d arrays and 0-d tensors
+        value = float(weight)
+    except OverflowError:
+        raise ValueError(f"The weight of {owner} is too large for a float: weights must be finite numbers.") from None
+    except (TypeError, ValueError):
+        raise TypeError(f"The weight of {owner} must be a real number, got {weight!r}.") from None
+    if not math.isfinite(value):
+        raise ValueError(f"The weight of {owner} is {value}: weights must be finite numbers.")
+    return value
+
+
+def _refuse_unordered(value: Any, what: str, kind: str) -> None:
+    if isinstance(value, Set):
+        raise TypeError(
+            f"{what} is an unordered {type(value).__name__}, so which {kind} gets which weight would depend on "
+            f"its iteration order. Pass a list (or a dict {{name: weight}})."
+        )
+
+
 def _split_names_and_weights(names, weights, kind):
     if isinstance(names, str):
         raise TypeError(f"Pass the {kind}s to merge as a list or a dict {{name: weight}}, not the string {names!r}.")
+    _refuse_unordered(names, f"The {kind} list", kind)
+    _refuse_unordered(weights, "`weights`", kind)
     if isinstance(names, Mapping):
         if weights is not None:
             raise ValueError(f"Pass weights either as a dict of {kind}s or as `weights`, not both.")
@@ -98,7 +131,27 @@ def _split_names_and_weights(names, weights, kind):
     except TypeError:
         raise TypeError(f"Pass the {kind}s to merge as a list or a dict {{name: weight}}, got {names!r}.") from None
     if weights is not None:
-        if isinstance(weights, str) or not hasattr(weights, "__len__"):
-            raise TypeError(f"`weights` must be a list of numbers (one per {kind}) or a dict, got {weights!r}.")
-        weights = list(weights.tolist() if hasattr(weights, "tolist") else weights)
+        weights = _weight_list(weights, kind)
     return names, weights
+
+
+def _weight_list(weights: Any, kind: str) -> list:
+    """The weights as a list: a sequence, or a 1-D array or tensor (one entry per input)."""
+    ndim = getattr(weights, "ndim", None)
+    if isinstance(weights, (str, bytes)) or ndim == 0 or not hasattr(weights, "__len__"):
+        raise TypeError(
+            f"`weights` must be a list of numbers (one weight per {kind}) or a dict, got {weights!r}; "
+            f"for a single {kind} pass [{_plain(weights)}]."
+        )
+    if ndim is not None and ndim != 1:
+        raise TypeError(
+            f"`weights` must be 1-D (one weight per {kind}), got an array of shape {tuple(weights.shape)}."
+        )
+    return list(weights.tolist() if hasattr(weights, "tolist") else weights)
+
+
+def _plain(value: Any) -> Any:
+    try:
+        return value.item() if hasattr(value, "item") else value
+    except (TypeError, ValueError):
+        return value
