@@ -14,10 +14,13 @@ from adapters import ConfigUnion
 
 from .methods import METHODS
 from .methods.base import Method, MergeContext
+from .ops.linear import result_dtype
 from .report import MergeReport
 from .state import Slot
 from .strategies import Strategy
 
+#: adapters 1.3.0's first sentence for inputs that cannot be merged
+DIFFERENT_CONFIGURATIONS = "Cannot average adapters with different configurations."
 #: configuration fields that do not change what a merged tensor means
 ALWAYS_IGNORED = frozenset({"dropout", "init_weights", "init_weights_seed"})
 
@@ -43,15 +46,23 @@ def config_differences(first, other, ignored) -> List[Tuple[str, Any, Any]]:
 
 
 def check_configs(names: Sequence[str], configs: Sequence[Any], strategy: Strategy) -> List[Tuple[Any, ...]]:
-    """Validate that the inputs can be merged by ``strategy``; return their configuration parts."""
+    """Validate that the inputs can be merged by ``strategy``; return their configuration parts.
+
+    Refusals start with the sentence ``adapters`` 1.3.0 uses for them (scripts may match it)."""
     parts = [config_parts(c) for c in configs]
     for name, config, own in zip(names[1:], configs[1:], parts[1:]):
         if len(own) != len(parts[0]) or any(type(x) is not type(y) for x, y in zip(own, parts[0])):
             raise ValueError(
-                f"Cannot merge '{names[0]}' ({_describe(configs[0])}) with '{name}' ({_describe(config)}): "
-                "adapters of different methods or configuration types cannot be merged. Merge only adapters of one "
-                "method (and one configuration), e.g. average the LoRA adapters and the bottleneck adapters separately."
+                f"{DIFFERENT_CONFIGURATIONS} '{names[0]}' ({_describe(configs[0])}) and '{name}' ({_describe(config)}) "
+                "are adapters of different methods or configuration types, which cannot be merged. Merge only "
+                "adapters of one method (and one configuration), e.g. average the LoRA adapters and the bottleneck "
+                "adapters separately."
             )
+    if isinstance(configs[0], ConfigUnion) and strategy.name != "linear":
+        raise ValueError(
+            "Combining adapters with ConfigUnion is only supported with the 'linear' combine_strategy. "
+            f"'{names[0]}' is a {_describe(configs[0])} union; merge it with combine_strategy='linear'."
+        )
     families = set()
     for j, part in enumerate(parts[0]):
         method = method_for(part)
@@ -69,7 +80,7 @@ def check_configs(names: Sequence[str], configs: Sequence[Any], strategy: Strate
                         "merged with 'lora_delta_w_svd' or 'lora_delta_w_concat'."
                     )
                 raise ValueError(
-                    f"Cannot merge adapters with different configurations: '{names[0]}' has {field}={mine!r} "
+                    f"{DIFFERENT_CONFIGURATIONS} '{names[0]}' has {field}={mine!r} "
                     f"but '{name}' has {field}={theirs!r}{others}. Merge adapters of one configuration.{hint}"
                 )
         families |= method.families_of(part)
@@ -88,15 +99,12 @@ def merge_adapter_tensors(
 ) -> Tuple[Any, Tensors]:
     """Merge adapters given as configurations and {slot: tensor}; returns (config, {slot: tensor})."""
     parts = check_configs(names, configs, strategy)
-    units = {name: {_unit(parts[0], s) for s in tensors[name]} for name in names}
+    report = report if report is not None else MergeReport("<merged>", strategy.name, dict(zip(names, weights)))
+    units = {name: {_unit(parts[0], s): s for s in tensors[name]} for name in names}
     for name in names[1:]:
-        if units[name] != units[names[0]]:
-            missing = sorted(map(str, units[names[0]] - units[name]))[:3]
-            extra = sorted(map(str, units[name] - units[names[0]]))[:3]
-            raise ValueError(
-                f"Adapters '{names[0]}' and '{name}' do not have the same tensors ('{name}' lacks {missing}, "
-                f"has unexpected {extra}): they were not created with the same configuration on the same model."
-            )
+        if units[name].keys() != units[names[0]].keys():
+            _refuse_incomplete(names[0], name, units[names[0]], units[name])
+    tensors = promote_dtypes(names, tensors, report)
     slots = set().union(*(set(tensors[name]) for name in names))  # methods may store a unit differently per input
     owners = _assign_slots(parts[0], slots)
     generator = torch.Generator().manual_seed(options["seed"]) if "seed" in options else None
@@ -107,8 +115,48 @@ def merge_adapter_tensors(
         new_part, out = method.merge(ctx, [p[j] for p in parts], owners.get(j, []))
         new_parts.append(new_part)
         merged.update(out)
-    new_config = ConfigUnion(*new_parts) if isinstance(configs[0], ConfigUnion) else new_parts[0]
-    return new_config, merged
+    return union_like(configs[0], new_parts), merged
+
+
+def union_like(config, parts: Sequence[Any]):
+    """``parts`` as a configuration of the class of ``config``: a single part, or a union of the same
+    class (``MAMConfig`` and ``UniPELTConfig`` stay themselves, so ``config.adapter`` keeps working)."""
+    if not isinstance(config, ConfigUnion):
+        return parts[0]
+    union = type(config).__new__(type(config))
+    ConfigUnion.__init__(union, *parts)
+    return union
+
+
+def promote_dtypes(names: Sequence[str], tensors: Mapping[str, Tensors], report: MergeReport) -> Dict[str, Tensors]:
+    """Inputs of different floating dtypes are merged and stored in the widest (``result_dtype``),
+    whatever their order, and the report says so; inputs of one dtype are passed through as they are."""
+    dtypes = {name: sorted({str(t.dtype) for t in tensors[name].values() if t.is_floating_point()}) for name in names}
+    found = {d for ds in dtypes.values() for d in ds}
+    floating = [t.dtype for name in names for t in tensors[name].values() if t.is_floating_point()]
+    if not floating:
+        return dict(tensors)
+    widest = result_dtype(floating)
+    report.dtype = str(widest).replace("torch.", "")
+    if len(found) <= 1:
+        return dict(tensors)
+    listing = ", ".join(f"'{n}': {'/'.join(d.replace('torch.', '') for d in dtypes[n])}" for n in names)
+    report.notes.append(f"The inputs have different dtypes ({listing}); merged and stored in {report.dtype}, the widest.")
+    return {
+        name: {s: t.to(widest) if t.is_floating_point() else t for s, t in tensors[name].items()} for name in names
+    }
+
+
+def _refuse_incomplete(first: str, other: str, mine: Mapping[Any, Slot], theirs: Mapping[Any, Slot]) -> None:
+    """Two inputs of one configuration whose tensors differ: one lacks a module (deleted by hand?)."""
+    lacking, holder, present = (other, first, mine) if set(mine) - set(theirs) else (first, other, theirs)
+    missing = sorted(present[u] for u in set(present) - set(mine if lacking == first else theirs))
+    keys = ", ".join(slot.key(lacking) for slot in missing[:3]) + (" …" if len(missing) > 3 else "")
+    raise ValueError(
+        f"Adapter '{lacking}' lacks {keys}, which '{holder}' has: a module was probably deleted from it by hand, "
+        "or they were not created with the same configuration on the same model. Merge only complete adapters "
+        f"(reload '{lacking}')."
+    )
 
 
 def check_finite(new_name: str, names: Sequence[str], inputs: Mapping[str, Tensors], merged: Tensors, kind: str) -> None:

@@ -8,7 +8,24 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from numbers import Integral, Real
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Literal, Mapping, Optional, Tuple
+
+from ._warnings import warn
+
+#: the names of the registered strategies, for type checkers and IDEs (a test keeps it equal to the registry)
+CombineStrategy = Literal[
+    "linear",
+    "lora_linear_only_negate_b",
+    "lora_delta_w_svd",
+    "lora_delta_w_concat",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "magnitude_prune",
+    "breadcrumbs",
+]
+#: TIES sign election (``majority_sign_method``)
+SignMethod = Literal["total", "frequency"]
 
 #: Families of adapters, as named in errors and docs.
 FAMILY_DESCRIPTIONS: Dict[str, str] = {
@@ -52,15 +69,19 @@ class Strategy:
         return tuple(o.name for o in self.options)
 
     def parse_options(self, svd_rank: Optional[int], options: Mapping[str, Any]) -> Dict[str, Any]:
-        """Validate ``svd_rank`` and ``**strategy_options`` against this declaration, fill defaults."""
+        """Validate ``svd_rank`` and the strategy options against this declaration, fill defaults.
+
+        ``svd_rank`` with a strategy that has no rank is ignored with a warning, as ``adapters`` does;
+        any other option the strategy does not have is an error."""
         given = dict(options)
         if svd_rank is not None:
-            if "svd_rank" not in self.option_names:
-                raise ValueError(
-                    f"svd_rank={svd_rank!r} has no effect with combine_strategy='{self.name}': "
-                    f"remove it, or use one of {strategies_with_option('svd_rank')}."
+            if "svd_rank" in self.option_names:
+                given["svd_rank"] = svd_rank
+            else:
+                warn(
+                    f"svd_rank={svd_rank!r} has no effect with combine_strategy='{self.name}' and is ignored. "
+                    f"Remove it, or use one of {strategies_with_option('svd_rank')}."
                 )
-            given["svd_rank"] = svd_rank
         unknown = sorted(set(given) - set(self.option_names))
         if unknown:
             valid = ", ".join(self.option_names) or "none"
@@ -75,9 +96,19 @@ class Strategy:
             what = ", ".join(FAMILY_DESCRIPTIONS[f] for f in refused)
             supported = strategies_for(families)
             raise ValueError(
-                f"combine_strategy='{self.name}' does not support {what}. "
+                f"{adapters_refusal(self.name, refused)} combine_strategy='{self.name}' does not support {what}. "
                 f"Strategies that support these adapters: {supported}."
             )
+
+
+def adapters_refusal(strategy: str, families) -> str:
+    """The sentence ``adapters`` 1.3.0 refuses ``strategy`` with for these families: ours starts with
+    it, so that scripts matching it keep working."""
+    if "vera" in families:
+        return "VeRA only supports linear averaging. The combine_strategy must be 'linear'."
+    if "prefix_tuning" in families:
+        return f"Combine strategy {strategy} not supported for prefix tuning."
+    return f"Combine strategy {strategy} not supported for the chosen adapter methods."
 
 
 # ---------------------------------------------------------------------------- validators
@@ -123,9 +154,15 @@ def _sign_method(name: str, value: Any) -> str:
     return value
 
 
+#: the seeds a torch.Generator accepts
+SEED_RANGE = (-(2**63), 2**64)
+
+
 def _seed(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(f"{name} must be an integer, got {value!r}.")
+    if not SEED_RANGE[0] <= value < SEED_RANGE[1]:
+        raise ValueError(f"{name} must be an integer in [-2**63, 2**64) (a torch.Generator seed), got {value}.")
     return int(value)
 
 
@@ -151,7 +188,8 @@ def register_strategy(strategy: Strategy) -> Strategy:
 
 def get_strategy(name: str) -> Strategy:
     if not isinstance(name, str) or name not in STRATEGIES:
-        raise ValueError(f"Unknown combine_strategy {name!r}. Available: {sorted(STRATEGIES)}.")
+        # adapters' wording, for scripts that match it
+        raise ValueError(f"Invalid combine_strategy {name!r}. Must be one of {list(STRATEGIES)}.")
     return STRATEGIES[name]
 
 

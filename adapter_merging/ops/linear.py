@@ -14,19 +14,31 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in LOW_PRECISION else dtype
 
 
+def result_dtype(dtypes: Sequence[torch.dtype]) -> torch.dtype:
+    """The dtype a merge of tensors of ``dtypes`` is stored in: the widest (``torch.promote_types``;
+    float16 with bfloat16 gives float32), whatever their order."""
+    result = dtypes[0]
+    for dtype in dtypes[1:]:
+        result = torch.promote_types(result, dtype)
+    return result
+
+
 def linear_combination(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """Φ = Σ λᵢ Φᵢ, computed in float32 for half-precision inputs, returned in the inputs' dtype/device."""
+    """Φ = Σ λᵢ Φᵢ, summed as ``adapters`` does — (λ₀Φ₀) + (λ₁Φ₁) + …, each product rounded, in input
+    order — so float32 results are identical to its formula. Half precision is computed in float32;
+    the result has the widest dtype of the inputs (`result_dtype`) and the first input's device."""
     if len(tensors) != len(weights) or not tensors:
         raise ValueError("linear_combination needs one weight per tensor and at least one tensor.")
     first = tensors[0]
     for t in tensors[1:]:
         if t.shape != first.shape:
             raise ValueError(f"Cannot combine tensors of shapes {tuple(first.shape)} and {tuple(t.shape)}.")
-    acc_dtype = compute_dtype(first.dtype)
-    out = torch.zeros(first.shape, dtype=acc_dtype, device=first.device)
-    for t, w in zip(tensors, weights):
-        out.add_(t.to(device=first.device, dtype=acc_dtype), alpha=float(w))
-    return out.to(first.dtype)
+    out_dtype = result_dtype([t.dtype for t in tensors])
+    acc_dtype = compute_dtype(out_dtype)
+    out = first.to(dtype=acc_dtype) * float(weights[0])
+    for t, w in zip(tensors[1:], weights[1:]):
+        out += t.to(device=first.device, dtype=acc_dtype) * float(w)
+    return out.to(out_dtype)
 
 
 def combine_state_dicts(states, weights):
