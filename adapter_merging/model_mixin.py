@@ -1,27 +1,67 @@
 """The ModelMixin: ``average_adapter`` and ``average_head`` on any ``adapters`` model.
 
-Thin by design: validate, normalise weights, gather tensors, hand them to the engine, write the
-result back, and roll everything back if anything fails.
+Thin by design: validate, gather tensors, hand them to the engine, write the result back, and
+restore the model exactly (`adapter_merging.rollback`) if anything fails.
 """
 from __future__ import annotations
 
 import copy
 import logging
-from contextlib import contextmanager
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence, Union
 
 import torch
 
 from .engine import check_finite, merge_adapter_tensors
 from .ops import combine_state_dicts, resolve_weights
+from .ops.weights import check_flag
 from .report import MergeReport
+from .rollback import rollback_on_error
 from .state import HEAD_CONTAINERS, Slot, adapter_tensors, model_tensors
-from .strategies import get_strategy
+from .strategies import CombineStrategy, SignMethod, get_strategy
 
 logger = logging.getLogger("adapter_merging")
 
 AdapterList = Union[Sequence[str], Mapping[str, float]]
 Weights = Optional[Union[Sequence[float], Mapping[str, float]]]
+
+_PARAMETERS_DOC = """
+    :param adapter_name: name of the new adapter.
+    :param adapter_list: the adapters to merge, as a list of names, or a dict ``{name: weight}``
+        (then ``weights`` must be None). Sets are refused (they have no order).
+    :param weights: one weight per adapter (a list, a 1-D array or tensor), or a dict
+        ``{name: weight}``. None gives each adapter 1/N.
+    :param combine_strategy: how to merge; one of `adapter_merging.STRATEGIES` (see the guide):
+        ``"linear"``, ``"lora_linear_only_negate_b"``, ``"lora_delta_w_svd"``,
+        ``"lora_delta_w_concat"``, ``"ties"``, ``"dare_linear"``, ``"dare_ties"``,
+        ``"magnitude_prune"``, ``"breadcrumbs"``.
+    :param normalize_weights: divide the weights by their sum (which must be > 0). Pass False for
+        task arithmetic and unlearning with negative weights.
+    :param overwrite_ok: replace an existing adapter named ``adapter_name``.
+    :param set_active: activate the new adapter.
+    :param svd_rank: rank of a LoRA merged by ``lora_delta_w_svd`` or a task-vector strategy
+        (None: the exact rank, resp. Σ rᵢ). Ignored with a warning by other strategies.
+    :param svd_tol: instead of ``svd_rank``, the smallest rank whose relative error is at most
+        ``svd_tol`` in every module (re-factorising strategies).
+    :param density: fraction of the entries of each ΔWᵢ kept (``ties``, ``dare_*``,
+        ``magnitude_prune``, ``breadcrumbs``; default 0.2).
+    :param majority_sign_method: TIES sign election, ``"total"`` (default) or ``"frequency"``
+        (``ties``, ``dare_ties``).
+    :param gamma: fraction of the largest magnitudes dropped (``breadcrumbs``; default 0.01).
+    :param seed: seed of the random drop mask (``dare_*``; default 0). Same seed, same result.
+    :returns: the `MergeReport`: per module, the relative error of the merged update against its target.
+    :raises ValueError: bad names, weights, configurations or options (the message names the fix).
+    :raises TypeError: arguments of the wrong type (e.g. a flag that is not a bool).
+"""
+
+_HEAD_PARAMETERS_DOC = """
+    :param head_name: name of the new head.
+    :param head_list: the heads to merge, as a list of names, or a dict ``{name: weight}``.
+    :param weights: one weight per head, or a dict ``{name: weight}``; None gives each 1/N.
+    :param normalize_weights: divide the weights by their sum (which must be > 0).
+    :param overwrite_ok: replace an existing head named ``head_name``.
+    :param set_active: activate the new head.
+    :returns: a `MergeReport` of the merge (its weights; a linear merge of heads is exact).
+"""
 
 
 # ----------------------------------------------------------------------------- public functions
@@ -30,54 +70,69 @@ def average_adapter(
     adapter_name: str,
     adapter_list: AdapterList,
     weights: Weights = None,
-    combine_strategy: str = "linear",
+    combine_strategy: CombineStrategy = "linear",
     normalize_weights: bool = True,
     overwrite_ok: bool = False,
     set_active: bool = False,
     svd_rank: Optional[int] = None,
-    **strategy_options: Any,
+    *,
+    svd_tol: Optional[float] = None,
+    density: Optional[float] = None,
+    majority_sign_method: Optional[SignMethod] = None,
+    gamma: Optional[float] = None,
+    seed: Optional[int] = None,
 ) -> MergeReport:
-    """Add ``adapter_name`` to ``model`` as a weighted combination of the adapters in ``adapter_list``.
-
-    Drop-in for ``adapters``' ``model.average_adapter``: weights default to 1/N, a dict
-    ``{name: weight}`` is honoured, ``normalize_weights`` divides by Σ wᵢ (which must be > 0; pass
-    ``normalize_weights=False`` to unlearn with negative weights). ``combine_strategy`` is one of
-    `adapter_merging.STRATEGIES`; ``svd_rank`` and ``**strategy_options`` are its options.
-    On any error the model is left exactly as it was. Returns a `MergeReport`.
-    """
     _check_adapter_model(model)
     _check_new_name(adapter_name, "adapter")
+    check_flag("overwrite_ok", overwrite_ok)
+    check_flag("set_active", set_active)
     inputs = resolve_weights(adapter_list, weights, normalize_weights, kind="adapter")
     names = [name for name, _ in inputs]
     unknown = [n for n in names if n not in model.adapters_config]
     if unknown:
         available = sorted(model.adapters_config.adapters)
         raise ValueError(f"Unknown adapter(s) {unknown}. The model has: {available}. Add or load them first.")
-    if adapter_name in model.adapters_config and not overwrite_ok:
-        raise ValueError(
-            f"An adapter named '{adapter_name}' already exists. Pass overwrite_ok=True to replace it, "
-            "or choose another name."
-        )
+    if adapter_name in model.adapters_config:
+        if not overwrite_ok:
+            raise ValueError(
+                f"An adapter named '{adapter_name}' already exists. Pass overwrite_ok=True to replace it, "
+                "or choose another name."
+            )
+        _check_not_merged_into_base(model, adapter_name)
     strategy = get_strategy(combine_strategy)
-    options = strategy.parse_options(svd_rank, strategy_options)
+    given = dict(svd_tol=svd_tol, density=density, majority_sign_method=majority_sign_method, gamma=gamma, seed=seed)
+    options = strategy.parse_options(svd_rank, {k: v for k, v in given.items() if v is not None})
     configs = [model.adapters_config.get(n) for n in names]
     named = model_tensors(model)
-    tensors = {n: _detached(adapter_tensors(named, n)) for n in names}
+    tensors = {n: _input_tensors(adapter_tensors(named, n), n, "adapter") for n in names}
     report = MergeReport(adapter_name, combine_strategy, dict(inputs))
+    if svd_rank is not None and "svd_rank" not in strategy.option_names:
+        report.notes.append(f"svd_rank={svd_rank} was ignored: combine_strategy='{combine_strategy}' has no rank.")
     new_config, merged = merge_adapter_tensors(
         names, [w for _, w in inputs], configs, tensors, strategy, options, report
     )
     check_finite(adapter_name, names, tensors, merged, "adapter")
-    with _rollback_adapter(model, adapter_name):
+    with rollback_on_error(model):
         if adapter_name in model.adapters_config:
             model.delete_adapter(adapter_name)
         with torch.random.fork_rng(devices=[]):  # initialising the new modules must not move the caller's RNG
             model.add_adapter(adapter_name, config=new_config)
-        _write(model, adapter_name, merged, ("adapter", adapter_tensors))
+        _write(model, adapter_name, merged, names, "adapter")
         if set_active:
             model.set_active_adapters(adapter_name)
     logger.info("Merged adapter %s", report.summary())
     return report
+
+
+average_adapter.__doc__ = (
+    """Add ``adapter_name`` to ``model`` as a weighted combination of the adapters in ``adapter_list``.
+
+    Drop-in for ``adapters``' ``model.average_adapter`` (same positional parameters), with the
+    strategy options as keywords. On any error the model is left exactly as it was.
+
+    :param model: an ``adapters`` model (``adapters.init(model)`` or ``AutoAdapterModel``)."""
+    + _PARAMETERS_DOC
+)
 
 
 def average_head(
@@ -88,16 +143,17 @@ def average_head(
     normalize_weights: bool = True,
     overwrite_ok: bool = False,
     set_active: bool = False,
-) -> None:
-    """Add the prediction head ``head_name`` as Σ λᵢ headᵢ of heads of one class and configuration
-    (number of labels and label names included). Weights as in `average_adapter`. Weights tied
-    to the input embeddings stay tied. On any error the model is left exactly as it was."""
+) -> MergeReport:
+    if isinstance(model, _WRAPPERS):
+        _check_adapter_model(model)
     if not isinstance(getattr(model, "heads", None), torch.nn.ModuleDict):
         raise TypeError(
             f"{type(model).__name__} has no prediction heads: average_head needs a model with flexible heads, "
             "e.g. one created by adapters.AutoAdapterModel."
         )
     _check_new_name(head_name, "head")
+    check_flag("overwrite_ok", overwrite_ok)
+    check_flag("set_active", set_active)
     inputs = resolve_weights(head_list, weights, normalize_weights, kind="head")
     names = [name for name, _ in inputs]
     unknown = [n for n in names if n not in model.heads]
@@ -123,20 +179,41 @@ def average_head(
                 f"'{name}' has {field}={theirs!r}. Heads must predict the same labels with the same layout."
             )
     named = model_tensors(model)
-    tensors = [_detached(adapter_tensors(named, n, containers=HEAD_CONTAINERS)) for n in names]
+    tensors = [_input_tensors(adapter_tensors(named, n, containers=HEAD_CONTAINERS), n, "head") for n in names]
     merged = combine_state_dicts(tensors, [w for _, w in inputs])
     check_finite(head_name, names, dict(zip(names, tensors)), merged, "head")
-    with _rollback_head(model, head_name):
+    report = MergeReport(head_name, "linear", dict(inputs), target="Σ λᵢ Φᵢ over the head's parameters", kind="head")
+    with rollback_on_error(model):
         if head_name in model.heads:
             model.delete_head(head_name)
         new_head = copy.deepcopy(first)
         new_head.name = head_name
         model.add_prediction_head(new_head, overwrite_ok=True, set_active=set_active)
-        _write(model, head_name, merged, ("head", lambda n, name: adapter_tensors(n, name, containers=HEAD_CONTAINERS)))
+        _write(model, head_name, merged, names, "head")
+    logger.info("Merged head %s", report.summary())
+    return report
+
+
+average_head.__doc__ = (
+    """Add the prediction head ``head_name`` as Σ λᵢ headᵢ of heads of one class and configuration
+    (number of labels and label names included). Weights as in `average_adapter`. Weights tied
+    to the input embeddings stay tied. On any error the model is left exactly as it was.
+
+    :param model: an ``adapters`` model with flexible heads (``AutoAdapterModel``)."""
+    + _HEAD_PARAMETERS_DOC
+)
 
 
 # ----------------------------------------------------------------------------- helpers
+_WRAPPERS = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
+
+
 def _check_adapter_model(model) -> None:
+    if isinstance(model, _WRAPPERS):
+        raise TypeError(
+            f"The model is wrapped in {type(model).__name__}: pass the wrapped model, model.module, "
+            "to adapter_merging (merging is not a parallel operation)."
+        )
     if not hasattr(model, "adapters_config") or not hasattr(model, "add_adapter"):
         raise TypeError(
             f"{type(model).__name__} is not set up for adapters: call adapters.init(model) first, "
@@ -151,7 +228,24 @@ def _check_new_name(name, kind: str) -> None:
         raise ValueError(f"The new {kind}'s name {name!r} must not contain '.', which separates parameter names.")
 
 
-def _detached(tensors: Dict[Slot, torch.Tensor]) -> Dict[Slot, torch.Tensor]:
+def _check_not_merged_into_base(model, name: str) -> None:
+    """Replacing an adapter whose update was added to the base weights (``merge_adapter``) would leave
+    that update in the weights, and ``reset_adapter`` would then subtract the wrong one."""
+    if any(getattr(module, "merged", None) == name for module in model.modules()):
+        raise ValueError(
+            f"The adapter '{name}' is merged into the model's weights (model.merge_adapter('{name}')), so replacing "
+            "it would leave its update in the base weights. Call model.reset_adapter() first, then merge again."
+        )
+
+
+def _input_tensors(tensors: Dict[Slot, torch.Tensor], name: str, kind: str) -> Dict[Slot, torch.Tensor]:
+    """The input's tensors, detached; refused if one has no data (the meta device)."""
+    for slot, tensor in tensors.items():
+        if tensor.is_meta:
+            raise ValueError(
+                f"The {kind} '{name}' has tensors on the meta device (e.g. {slot.key(name)}): they hold no values "
+                f"to merge. Load its weights first (e.g. model.load_adapter(...) or load_state_dict)."
+            )
     return {slot: t.detach() for slot, t in tensors.items()}
 
 
@@ -159,15 +253,22 @@ def _dict_differences(a: Mapping, b: Mapping, ignored) -> List[tuple]:
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b), key=str) if k not in ignored and a.get(k) != b.get(k)]
 
 
-def _write(model, name: str, merged: Dict[Slot, torch.Tensor], finder) -> None:
+def _write(model, name: str, merged: Dict[Slot, torch.Tensor], inputs: Sequence[str], kind: str) -> None:
     """Copy the merged tensors into the freshly added module ``name`` (dtype and device of the inputs)."""
-    kind, find = finder
-    targets = find(model_tensors(model), name)
-    if set(targets) != set(merged):
-        missing = sorted(s.key(name) for s in set(targets) - set(merged))[:3]
-        extra = sorted(s.key(name) for s in set(merged) - set(targets))[:3]
+    containers = HEAD_CONTAINERS if kind == "head" else None
+    found = model_tensors(model)
+    targets = adapter_tensors(found, name, containers=containers) if containers else adapter_tensors(found, name)
+    lacking = sorted(set(targets) - set(merged))
+    if lacking:
+        keys = ", ".join(slot.key(inputs[0]) for slot in lacking[:3])
+        raise ValueError(
+            f"The {kind} '{inputs[0]}' lacks {keys}{' …' if len(lacking) > 3 else ''}, which its configuration "
+            f"creates: a module was probably deleted from it by hand. Merge only complete {kind}s (reload it)."
+        )
+    extra = sorted(set(merged) - set(targets))
+    if extra:
         raise RuntimeError(
-            f"The merged {kind} does not match the {kind} the model built (unmerged: {missing}, unexpected: {extra}). "
+            f"The merged {kind} has tensors the model did not build ({[s.key(name) for s in extra[:3]]}). "
             "This is a bug in adapter_merging; please report it with your configuration."
         )
     with torch.no_grad():
@@ -181,59 +282,6 @@ def _write(model, name: str, merged: Dict[Slot, torch.Tensor], finder) -> None:
             target.data = value.detach().clone()
 
 
-@contextmanager
-def _rollback_adapter(model, adapter_name: str):
-    """Undo every change to ``model`` if the block fails: remove the half-made adapter and restore a
-    replaced one (configuration, tensors, active setup)."""
-    old_config = model.adapters_config.get(adapter_name) if adapter_name in model.adapters_config else None
-    live = adapter_tensors(model_tensors(model), adapter_name) if old_config is not None else {}
-    old_tensors = {s: t.detach().clone() for s, t in live.items()} if old_config is not None else None
-    old_requires_grad = {s: t.requires_grad for s, t in live.items()}
-    config = model.adapters_config
-    registry = (dict(config.adapters), dict(config.config_map))  # add_adapter registers the new config
-    modes = {name: module.training for name, module in model.named_modules()}
-    active = config.active_setup
-    tied_keys = copy.copy(getattr(model, "_tied_weights_keys", None))
-    try:
-        yield
-    except BaseException:
-        if adapter_name in model.adapters_config:
-            model.delete_adapter(adapter_name)
-        if old_config is not None:
-            with torch.random.fork_rng(devices=[]):
-                model.add_adapter(adapter_name, config=old_config)
-            _write(model, adapter_name, old_tensors, ("adapter", adapter_tensors))
-            for slot, tensor in adapter_tensors(model_tensors(model), adapter_name).items():
-                tensor.requires_grad_(old_requires_grad[slot])
-        for mapping, saved in zip((config.adapters, config.config_map), registry):
-            mapping.clear()
-            mapping.update(saved)
-        for name, module in model.named_modules():
-            if name in modes:
-                module.training = modes[name]
-        config.active_setup = active
-        if hasattr(model, "_tied_weights_keys"):
-            model._tied_weights_keys = tied_keys
-        raise
-
-
-@contextmanager
-def _rollback_head(model, head_name: str):
-    old_head = model.heads[head_name] if head_name in model.heads else None
-    old_config = model.config.prediction_heads.get(head_name) if old_head is not None else None
-    active = model.active_head
-    try:
-        yield
-    except BaseException:
-        if head_name in model.heads:
-            model.delete_head(head_name)
-        if old_head is not None:
-            model.heads[head_name] = old_head
-            model.config.prediction_heads[head_name] = old_config
-        model.active_head = active
-        raise
-
-
 class ModelMixin:
     """Mixed into a model's class by `adapter_merging.init`: ``average_adapter`` and
     ``average_head`` with the ``adapters`` signatures, done by `adapter_merging`."""
@@ -243,19 +291,30 @@ class ModelMixin:
         adapter_name: str,
         adapter_list: AdapterList,
         weights: Weights = None,
-        combine_strategy: str = "linear",
+        combine_strategy: CombineStrategy = "linear",
         normalize_weights: bool = True,
         overwrite_ok: bool = False,
         set_active: bool = False,
         svd_rank: Optional[int] = None,
-        **strategy_options: Any,
+        *,
+        svd_tol: Optional[float] = None,
+        density: Optional[float] = None,
+        majority_sign_method: Optional[SignMethod] = None,
+        gamma: Optional[float] = None,
+        seed: Optional[int] = None,
     ) -> MergeReport:
         return average_adapter(
-            self, adapter_name, adapter_list, weights, combine_strategy, normalize_weights,
-            overwrite_ok, set_active, svd_rank, **strategy_options,
+            self, adapter_name, adapter_list, weights, combine_strategy, normalize_weights, overwrite_ok, set_active,
+            svd_rank, svd_tol=svd_tol, density=density, majority_sign_method=majority_sign_method, gamma=gamma,
+            seed=seed,
         )
 
-    average_adapter.__doc__ = globals()["average_adapter"].__doc__
+    average_adapter.__doc__ = (
+        """Add ``adapter_name`` as a weighted combination of the adapters in ``adapter_list``
+    (see `adapter_merging.average_adapter`). On any error the model is left exactly as it was.
+"""
+        + _PARAMETERS_DOC
+    )
 
     def average_head(
         self,
@@ -265,26 +324,70 @@ class ModelMixin:
         normalize_weights: bool = True,
         overwrite_ok: bool = False,
         set_active: bool = False,
-    ) -> None:
+    ) -> MergeReport:
         return average_head(self, head_name, head_list, weights, normalize_weights, overwrite_ok, set_active)
 
-    average_head.__doc__ = globals()["average_head"].__doc__
+    average_head.__doc__ = (
+        """Add the head ``head_name`` as Σ λᵢ headᵢ (see `adapter_merging.average_head`).
+"""
+        + _HEAD_PARAMETERS_DOC
+    )
+
+
+class MergeableModel(Protocol):
+    """What `init` returns, for type checkers: the model, with `ModelMixin`'s methods; any other
+    attribute of the model is typed ``Any``."""
+
+    def average_adapter(
+        self,
+        adapter_name: str,
+        adapter_list: AdapterList,
+        weights: Weights = None,
+        combine_strategy: CombineStrategy = "linear",
+        normalize_weights: bool = True,
+        overwrite_ok: bool = False,
+        set_active: bool = False,
+        svd_rank: Optional[int] = None,
+        *,
+        svd_tol: Optional[float] = None,
+        density: Optional[float] = None,
+        majority_sign_method: Optional[SignMethod] = None,
+        gamma: Optional[float] = None,
+        seed: Optional[int] = None,
+    ) -> MergeReport: ...
+
+    def average_head(
+        self,
+        head_name: str,
+        head_list: AdapterList,
+        weights: Weights = None,
+        normalize_weights: bool = True,
+        overwrite_ok: bool = False,
+        set_active: bool = False,
+    ) -> MergeReport: ...
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def __getattr__(self, name: str) -> Any: ...
 
 
 _MIXED_CLASSES: Dict[type, type] = {}
 
 
-def init(model: torch.nn.Module) -> torch.nn.Module:
+def init(model: torch.nn.Module) -> MergeableModel:
     """Give ``model`` the `ModelMixin` (idempotent) and return it.
 
-    The model must already be an ``adapters`` model (``adapters.init(model)`` or
-    ``AutoAdapterModel``); its class is swapped for a subclass with the same name."""
+    :param model: an ``adapters`` model (``adapters.init(model)`` or ``AutoAdapterModel``); its
+        class is swapped for a subclass with the same name that adds ``average_adapter`` and
+        ``average_head``.
+    :returns: the same model object.
+    :raises TypeError: the model is not set up for adapters, or is wrapped in ``DataParallel``."""
     if isinstance(model, ModelMixin):
-        return model
+        return model  # type: ignore[return-value]
     _check_adapter_model(model)
     cls = type(model)
     if cls not in _MIXED_CLASSES:
         mixed = type(cls.__name__, (ModelMixin, cls), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
         _MIXED_CLASSES[cls] = mixed
     model.__class__ = _MIXED_CLASSES[cls]
-    return model
+    return model  # type: ignore[return-value]

@@ -24,28 +24,39 @@ from conftest import model_inputs, randomize_adapter, tiny_adapter_model, tiny_i
 
 # ----------------------------------------------------------------------------- snapshots
 def snapshot(model) -> dict:
-    """Everything a merge could change, copied."""
+    """Everything a merge could change, copied; the order of keys and the identity of every parameter
+    and module too (an optimizer holds the objects, a state dict lists the keys in order)."""
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    tied = getattr(model, "_tied_weights_keys", None)
+    class_tied = getattr(type(model), "_tied_weights_keys", None)
     snap = {
         "state": state,
+        "key_order": list(state),
+        "parameter_ids": {n: id(p) for n, p in model.named_parameters()},
+        "module_ids": {n: id(m) for n, m in model.named_modules()},
         "adapters_config": copy.deepcopy(model.adapters_config.to_dict()),
         "adapters": dict(model.adapters_config.adapters),
+        "adapter_order": list(model.adapters_config.adapters),
         "config_map": {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in model.adapters_config.config_map.items()},
+        "vera_init_shapes": copy.deepcopy(model.adapters_config._vera_init_shapes),
         "active_setup": repr(model.adapters_config.active_setup),
         "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
         "training": {n: m.training for n, m in model.named_modules()},
-        "tied_weights_keys": copy.copy(getattr(model, "_tied_weights_keys", None)),
+        "tied_weights_keys": copy.copy(tied),
+        "class_tied_weights_keys": copy.copy(class_tied),
     }
     if hasattr(model, "heads"):
-        snap["heads"] = sorted(model.heads.keys())
+        snap["heads"] = list(model.heads.keys())
         snap["prediction_heads"] = copy.deepcopy(model.config.prediction_heads)
+        snap["prediction_head_order"] = list(model.config.prediction_heads)
         snap["active_head"] = model.active_head
         snap["head_modules"] = {n: id(h) for n, h in model.heads.items()}
     return snap
 
 
 def assert_unchanged(before: dict, model, ignore: str | None = None) -> None:
-    """``model`` equals the snapshot ``before``; keys of the adapter/head ``ignore`` may be new."""
+    """``model`` equals the snapshot ``before``, the same objects in the same order; keys of the
+    adapter/head ``ignore`` may be new."""
     after = snapshot(model)
     state_before, state_after = before["state"], after["state"]
     if ignore is not None:
@@ -53,8 +64,8 @@ def assert_unchanged(before: dict, model, ignore: str | None = None) -> None:
     assert state_after.keys() == state_before.keys(), (
         f"missing {sorted(state_before.keys() - state_after.keys())[:3]}, new {sorted(state_after.keys() - state_before.keys())[:3]}"
     )
-    changed = [k for k in state_before if state_before[k].dtype != state_after[k].dtype
-               or not torch.equal(state_before[k], state_after[k])]
+    assert list(state_after) == list(state_before), "the state dict lists the same keys in another order"
+    changed = [k for k in state_before if not _same_tensor(state_before[k], state_after[k])]
     assert not changed, f"tensors changed: {changed[:5]}"
     for field in before:
         if field == "state" or ignore is not None:
@@ -64,6 +75,12 @@ def assert_unchanged(before: dict, model, ignore: str | None = None) -> None:
                     if before[field].get(k) != after[field].get(k)}
             assert not diff, f"{field} changed (before, after): {dict(list(diff.items())[:5])}"
         assert after[field] == before[field], f"{field} changed: {before[field]!r} -> {after[field]!r}"
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.is_meta or b.is_meta:  # no values to compare
+        return a.is_meta and b.is_meta and a.shape == b.shape and a.dtype == b.dtype
+    return a.dtype == b.dtype and torch.equal(a, b)
 
 
 # ----------------------------------------------------------------------------- models
@@ -251,4 +268,76 @@ def test_plain_function_rolls_back_too(monkeypatch):
     inject("set_active", monkeypatch, model)
     with pytest.raises(RuntimeError):
         adapter_merging.average_adapter(model, "old", ["a", "b"], overwrite_ok=True, set_active=True)
+    assert_unchanged(before, model)
+
+
+# ----------------------------------------------------------------------------- the same objects in the same places
+def test_failed_overwrite_keeps_the_optimizer_working(monkeypatch):
+    """An optimizer made before a failed overwrite must still update the adapter afterwards: the same
+    Parameter objects, in the same places and state-dict order."""
+    model = make_model("lora")
+    model.train_adapter("old")
+    optimizer = torch.optim.SGD([p for n, p in model.named_parameters() if ".old." in n], lr=0.1)
+    keys, params = list(model.state_dict()), {n: p for n, p in model.named_parameters() if ".old." in n}
+    inject("write", monkeypatch, model)
+    with pytest.raises(RuntimeError, match="injected"):
+        model.average_adapter("old", ["a", "b"], overwrite_ok=True)
+    assert list(model.state_dict()) == keys
+    assert {n: p for n, p in model.named_parameters() if ".old." in n} == params  # identity (Parameter __eq__ is `is`)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    model.train()
+    model(**model_inputs(model))[0].sum().backward()
+    optimizer.step()
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if ".old." in n)
+
+
+def test_failed_vera_merge_leaves_no_trace_and_the_name_stays_usable(monkeypatch):
+    model = make_model(CONFIGS["vera"], names=("a", "b"))
+    before = snapshot(model)
+    inject("write", monkeypatch, model)
+    with pytest.raises(RuntimeError, match="injected"):
+        model.average_adapter("new", ["a", "b"])
+    assert "new" not in model.adapters_config._vera_init_shapes
+    assert_unchanged(before, model)
+    model.add_adapter("new", config=adapters.VeraConfig(init_weights_seed=42))  # the user's own adapter of that name
+    model.set_active_adapters("new")
+    assert torch.isfinite(model(**model_inputs(model))[0]).all()
+
+
+@pytest.mark.parametrize("arch", ["bert", "bart"])  # bart: the base model's _tied_weights_keys is a class attribute
+def test_failed_vera_merge_restores_tied_weights_keys(arch, monkeypatch):
+    """adapters registers VeRA's shared projections in the base model's _tied_weights_keys, extending a
+    class attribute in place where the class has one: every such list is as before after a failure."""
+    model = tiny_adapter_model(arch)
+    for i, name in enumerate(("a", "b")):
+        model.add_adapter(name, config=adapters.VeraConfig(init_weights_seed=42))
+        randomize_adapter(model, name, seed=i + 1)
+    owners = [model, type(model), model.base_model, type(model.base_model)]
+    before = [copy.copy(getattr(o, "_tied_weights_keys", None)) for o in owners]
+    inject("write", monkeypatch, model)
+    with pytest.raises(RuntimeError, match="injected"):
+        model.average_adapter("new", ["a", "b"])
+    after = [getattr(o, "_tied_weights_keys", None) for o in owners]
+    assert after == before
+    assert not any("new" in key for keys in after for key in (keys or []))
+
+
+def test_failed_merge_with_set_active_keeps_the_active_head(monkeypatch):
+    """adapters switches the active head to a head named like the activated adapter: undone on failure."""
+    model = make_model("seq_bn", names=("a", "b"))
+    model.add_classification_head("first", num_labels=2)
+    model.add_classification_head("new", num_labels=2)
+    model.active_head = "first"
+    before = snapshot(model)
+    original = model.set_active_adapters
+
+    def activate_then_fail(*args, **kwargs):
+        original(*args, **kwargs)
+        assert model.active_head == "new", "adapters switched the head: the case this test is about"
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(model, "set_active_adapters", activate_then_fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        model.average_adapter("new", ["a", "b"], set_active=True)
+    assert model.active_head == "first"
     assert_unchanged(before, model)

@@ -66,7 +66,7 @@ def test_unknown_adapter_in_dict(model):
 
 
 def test_empty_list(model):
-    fails(model, ValueError, "No adapters to merge", "at least one adapter", adapter_name="x", adapter_list=[])
+    fails(model, ValueError, "No adapters to average", "at least one adapter", adapter_name="x", adapter_list=[])
 
 
 def test_empty_dict(model):
@@ -188,6 +188,29 @@ def test_weights_dict_and_adapter_dict(model):
     fails(model, ValueError, "not both", adapter_name="x", adapter_list={"bn_a": 1.0}, weights=[1.0])
 
 
+@pytest.mark.parametrize("flag", ["overwrite_ok", "set_active", "normalize_weights"])
+@pytest.mark.parametrize("value", ["False", None, 0, 1])
+def test_flags_must_be_booleans(model, flag, value):
+    """"False" is truthy: taken by truthiness it would replace or activate; refused instead."""
+    fails(model, TypeError, f"{flag} must be True or False", repr(value), adapter_name="taken",
+          adapter_list=["bn_a", "bn_b"], **{flag: value})
+
+
+@pytest.mark.parametrize("seed, keyword", [(2**70, "2**64"), (-(2**64), "2**64"), (1.5, "integer"), (True, "integer")])
+def test_seed_out_of_range_or_not_an_integer(model, seed, keyword):
+    fails(model, (TypeError, ValueError), "seed", keyword, adapter_name="x", adapter_list=["lora_a", "lora_b"],
+          combine_strategy="dare_linear", seed=seed)
+
+
+def test_scalar_tensor_as_weights(model):
+    fails(model, TypeError, "one weight per adapter", adapter_name="x", adapter_list=["bn_a"],
+          weights=torch.tensor(0.5))
+
+
+def test_set_as_adapter_list(model):
+    fails(model, TypeError, "unordered", adapter_name="x", adapter_list={"bn_a", "bn_b"}, weights=[1.0, 2.0])
+
+
 # ----------------------------------------------------------------------------- configurations
 def test_different_methods(model):
     fails(model, ValueError, "'lora_a'", "'bn_a'", "different methods", "Merge only adapters of one method",
@@ -219,18 +242,27 @@ def test_strategy_not_supported_by_method_lists_supported(model):
 
 
 def test_unknown_strategy(model):
-    fails(model, ValueError, "Unknown combine_strategy 'average'", "Available", "'linear'", "'lora_delta_w_svd'",
+    fails(model, ValueError, "Invalid combine_strategy 'average'", "Must be one of", "'linear'", "'lora_delta_w_svd'",
           adapter_name="x", adapter_list=["bn_a", "bn_b"], combine_strategy="average")
 
 
-def test_svd_rank_with_linear_is_rejected(model):
-    fails(model, ValueError, "svd_rank=4 has no effect", "combine_strategy='linear'", "remove it", "lora_delta_w_svd",
-          adapter_name="x", adapter_list=["lora_a", "lora_b"], svd_rank=4)
+def test_svd_rank_with_a_strategy_without_rank_warns_and_is_ignored(model):
+    """As in adapters 1.3.0: a warning, not an error; the merge goes on without it."""
+    with pytest.warns(UserWarning, match="svd_rank=4 has no effect with combine_strategy='linear'") as record:
+        report = model.average_adapter("x", ["bn_a", "bn_b"], svd_rank=4)
+    assert record[0].filename == __file__, "the warning should point at the caller's line"
+    assert "x" in model.adapters_config and report.combine_strategy == "linear"
+    assert any("svd_rank=4 was ignored" in note for note in report.notes)
 
 
 def test_unknown_option(model):
-    fails(model, TypeError, "Unknown option(s) ['densty']", "Its options are", "density",
+    fails(model, TypeError, "unexpected keyword argument 'densty'",
           adapter_name="x", adapter_list=["lora_a", "lora_b"], combine_strategy="ties", densty=0.3)
+
+
+def test_option_of_another_strategy(model):
+    fails(model, TypeError, "Unknown option(s) ['gamma'] for combine_strategy='ties'", "Its options are", "density",
+          adapter_name="x", adapter_list=["lora_a", "lora_b"], combine_strategy="ties", gamma=0.1)
 
 
 def test_option_for_strategy_without_options(model):
@@ -284,3 +316,43 @@ def test_error_on_init_model_leaves_it_unchanged():
     m.add_adapter("a", config="seq_bn")
     m.add_adapter("b", config=AdapterConfig.load("seq_bn", reduction_factor=2))
     fails(m, ValueError, "reduction_factor", adapter_name="x", adapter_list=["a", "b"])
+
+
+# ----------------------------------------------------------------------------- states of the model and its inputs
+def test_overwriting_an_adapter_merged_into_the_base_weights(model):
+    model.merge_adapter("lora_a")
+    fails(model, ValueError, "'lora_a' is merged into the model's weights", "reset_adapter()", adapter_name="lora_a",
+          adapter_list=["lora_b"], overwrite_ok=True)
+
+
+def test_input_missing_a_module_deleted_by_hand(model):
+    del model.bert.encoder.layer[0].attention.self.query.loras["lora_a"]
+    fails(model, ValueError, "'lora_a' lacks", "bert.encoder.layer.0.attention.self.query.loras.lora_a.lora_A",
+          "deleted", adapter_name="x", adapter_list=["lora_a", "lora_b"])
+
+
+def test_single_input_missing_a_module_deleted_by_hand(model):
+    del model.bert.encoder.layer[0].attention.self.query.loras["lora_a"]
+    fails(model, ValueError, "'lora_a' lacks", "bert.encoder.layer.0.attention.self.query.loras.lora_a.lora_A",
+          "deleted", adapter_name="x", adapter_list=["lora_a"])
+
+
+def test_ia3_with_alpha_zero():
+    m = tiny_adapter_model("bert")
+    for name in ("ia3_a", "ia3_b"):
+        m.add_adapter(name, config=adapters.IA3Config(alpha=0))
+    fails(m, ValueError, "'ia3_a'", "alpha=0", adapter_name="x", adapter_list=["ia3_a", "ia3_b"])
+
+
+def test_data_parallel_wrapper_says_to_pass_the_module(model):
+    wrapped = torch.nn.DataParallel(model)
+    with pytest.raises(TypeError, match=r"DataParallel.*model\.module"):
+        adapter_merging.average_adapter(wrapped, "x", ["bn_a", "bn_b"])
+    with pytest.raises(TypeError, match=r"DataParallel.*model\.module"):
+        adapter_merging.init(wrapped)
+    assert "x" not in model.adapters_config
+
+
+def test_input_on_the_meta_device(model):
+    model.bert.encoder.layer[0].output.adapters["bn_b"].to_empty(device="meta")
+    fails(model, ValueError, "'bn_b'", "meta device", adapter_name="x", adapter_list=["bn_a", "bn_b"])

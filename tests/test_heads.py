@@ -169,6 +169,16 @@ def test_failure_after_adding_head_rolls_back(model, monkeypatch, overwrite):
     assert model.active_head == "c1"
 
 
+def test_failed_head_overwrite_keeps_its_place(model, monkeypatch):
+    """The old head is the same object in the same place of model.heads (and of its configuration)."""
+    order, old_head = list(model.heads), model.heads["c2"]
+    Once(monkeypatch, model_mixin, "_write")
+    with pytest.raises(RuntimeError, match="injected"):
+        model.average_head("c2", ["c1", "c3"], overwrite_ok=True)
+    assert list(model.heads) == order and model.heads["c2"] is old_head
+    assert list(model.config.prediction_heads) == order
+
+
 def test_failure_in_add_prediction_head_rolls_back(model, monkeypatch):
     before = snapshot(model)
     Once(monkeypatch, model, "add_prediction_head", after=True)
