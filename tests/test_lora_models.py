@@ -107,7 +107,7 @@ def test_exact_strategies_reproduce_the_target(case, strategy):
     arch, model, names, _ = case
     report = merge(model, names, DIFFERENT_WEIGHTS, strategy)
     config = model.adapters_config.get("merged")
-    assert config["r"] == report.rank == 9 and config["alpha"] / config["r"] == pytest.approx(2.0)
+    assert config["r"] == report.rank == 9 and config["alpha"] / config["r"] == pytest.approx(4.0)  # the largest sᵢ
     modules = lora_modules(model, "merged")
     assert {m.module for m in report.modules} == set(modules)
     for path, module in modules.items():

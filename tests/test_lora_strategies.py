@@ -140,21 +140,57 @@ def test_linear_combines_a_and_b_separately(bert_equal):
     assert model.adapters_config.get("merged")["r"] == 3 and model.adapters_config.get("merged")["alpha"] == 6
 
 
-def test_linear_warns_on_mixed_signs_naming_the_exact_strategies(bert_equal):
+def test_linear_warns_with_the_measured_error_naming_the_exact_strategies(bert_equal):
     model, names = bert_equal
     with pytest.warns(UserWarning, match="cross-terms") as record:
-        merge(model, names[:2], [1.0, -1.0], "linear")
+        report = merge(model, names[:2], [1.0, -1.0], "linear")
     message = str(record[0].message)
     assert "lora_delta_w_svd" in message and "lora_delta_w_concat" in message
+    assert f"{report.max_error:.3g}" in message, "the warning gives the measured error"
     assert record[0].filename == __file__, "the warning should point at the caller's line"
 
 
-@pytest.mark.parametrize("weights", [[0.5, 0.5], [-0.5, -0.5], [1.0, 0.0]])
-def test_linear_does_not_warn_on_same_sign_weights(bert_equal, weights):
+def test_linear_plain_averaging_warns_with_its_measured_error(bert_equal):
+    """Equal positive weights are not safe either: [0.5, 0.5] of two independent LoRAs misses the target
+    by far more than 1e-3, and says so."""
+    model, names = bert_equal
+    with pytest.warns(UserWarning, match="measured relative error") as record:
+        report = merge(model, names[:2], [0.5, 0.5], "linear")
+    assert report.max_error > 0.3 and f"{report.max_error:.3g}" in str(record[0].message)
+    assert record[0].filename == __file__
+
+
+@pytest.mark.parametrize("weights", [[1.0, 0.0], [1.0]])
+def test_linear_does_not_warn_when_it_is_exact(bert_equal, weights):
     model, names = bert_equal
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        merge(model, names[:2], weights, "linear")
+        report = merge(model, names[: len(weights)], weights, "linear")
+    assert report.max_error <= 1e-6
+
+
+def test_linear_of_identical_adapters_is_exact_and_silent(bert_equal):
+    model, names = bert_equal
+    model.average_adapter("copy", [names[0]])  # a bit-identical copy of names[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = merge(model, [names[0], "copy"], [0.5, 0.5], "linear")
+    assert report.max_error <= 1e-6
+
+
+@pytest.mark.parametrize("weights", [[-1.0], [-0.5, -0.5], [-1.0, 0.0]])
+def test_linear_with_only_negative_weights_is_refused(bert_equal, weights):
+    """(−B)(−A) = BA: "unlearning" with linear would add the skill. A clear error instead."""
+    model, names = bert_equal
+    before = snapshot(model)
+    with pytest.raises(ValueError) as info:
+        merge(model, names[: len(weights)], weights, "linear")
+    message = str(info.value)
+    for keyword in ("only negative weights", "(−B)(−A) = BA", "lora_linear_only_negate_b", "lora_delta_w_concat",
+                    "lora_delta_w_svd"):
+        assert keyword in message, message
+    assert "merged" not in model.adapters_config
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_linear_report_shows_the_cross_term_error(bert_equal):
@@ -226,7 +262,7 @@ def test_concat_is_exact_with_rank_sum(bert_different):
     report = merge(model, names, WEIGHTS, "lora_delta_w_concat")
     config = model.adapters_config.get("merged")
     assert config["r"] == 2 + 3 + 4 == report.rank
-    assert config["alpha"] / config["r"] == pytest.approx(4 / 2), "the merged scaling is the first input's"
+    assert config["alpha"] / config["r"] == pytest.approx(16 / 4), "the merged scaling is the inputs' largest"
     for path, module in lora_modules(model, "merged").items():
         error = rel(effective_delta_w(module, "merged"), target_delta_w(module, names, WEIGHTS))
         assert error <= EXACT
@@ -243,7 +279,7 @@ def test_svd_exact_rank_is_exact(bert_different):
     report = merge(model, names, WEIGHTS, "lora_delta_w_svd")
     config = model.adapters_config.get("merged")
     assert config["r"] == report.rank == 9, "random adapters: the exact rank is Σ rᵢ (d, k ≥ 32)"
-    assert config["alpha"] / config["r"] == pytest.approx(2.0), "alpha is set so that alpha/r is the first scaling"
+    assert config["alpha"] / config["r"] == pytest.approx(4.0), "alpha/r is the inputs' largest scaling, 16/4"
     for path, module in lora_modules(model, "merged").items():
         merged = effective_delta_w(module, "merged")
         assert rel(merged, target_delta_w(module, names, WEIGHTS)) <= EXACT
@@ -360,6 +396,77 @@ def test_zero_scaling_of_the_first_input_is_handled():
             assert rel(effective_delta_w(module, "merged"), target_delta_w(module, names, [1.0, -1.0])) <= EXACT
 
 
+@pytest.mark.parametrize("strategy", ["lora_delta_w_svd", "lora_delta_w_concat", "magnitude_prune"])
+def test_tiny_alpha_is_never_rounded_away(strategy):
+    """alpha = 1e-10 is within 1e-9 of the integer 0: the merged scaling must stay 1e-10/r, not 0."""
+    model = tiny_adapter_model("bert")
+    names = add_loras(model, [LoRAConfig(r=2, alpha=1e-10)] * 2)
+    weights = [1.0, -0.5]
+    options = {"density": 1.0} if strategy == "magnitude_prune" else {}  # density 1: exactly Σ λᵢ ΔWᵢ
+    report = merge(model, names, weights, strategy, **options)
+    config = model.adapters_config.get("merged")
+    assert config["alpha"] / config["r"] == pytest.approx(0.5e-10, rel=1e-12)
+    for module in lora_modules(model, "merged").values():
+        target = target_delta_w(module, names, weights)
+        assert float(torch.linalg.matrix_norm(target)) > 0
+        assert rel(effective_delta_w(module, "merged"), target) <= EXACT
+    assert report.max_error <= EXACT
+
+
+@pytest.mark.parametrize("strategy", ["lora_delta_w_svd", "lora_delta_w_concat", "magnitude_prune"])
+def test_half_precision_small_first_scaling_stays_finite(strategy):
+    """fp16 with alpha 1e-4 first and 16 second: factors carrying ΔW/s of the first scaling overflow.
+    The merged scaling is chosen from all inputs, the forward pass is finite and matches the target."""
+    model = tiny_adapter_model("bert")
+    names = add_loras(model, [LoRAConfig(r=8, alpha=1e-4), LoRAConfig(r=8, alpha=16)])
+    model.to(torch.float16)
+    report = merge(model, names, [1.0, 1.0], strategy, **({"density": 1.0} if strategy == "magnitude_prune" else {}))
+    model.set_active_adapters("merged")
+    with torch.no_grad():
+        output = model(**model_inputs(model))[0]
+    assert torch.isfinite(output).all()
+    for module in lora_modules(model, "merged").values():
+        lora = module.loras["merged"]
+        assert torch.isfinite(lora.lora_A).all() and torch.isfinite(lora.lora_B).all()
+        assert rel(effective_delta_w(module, "merged"), target_delta_w(module, names, [1.0, 1.0])) <= 2e-3
+    assert report.max_error <= 2e-3
+
+
+@pytest.mark.parametrize("strategy", ["lora_delta_w_svd", "lora_delta_w_concat"])
+def test_merged_scaling_does_not_depend_on_input_order(bert_different, strategy):
+    model, names = bert_different
+    merge(model, names, WEIGHTS, strategy)
+    forward = dict(model.adapters_config.get("merged"))
+    updates = {p: effective_delta_w(m, "merged") for p, m in lora_modules(model, "merged").items()}
+    merge(model, names[::-1], WEIGHTS[::-1], strategy)
+    backward = dict(model.adapters_config.get("merged"))
+    assert forward["alpha"] / forward["r"] == backward["alpha"] / backward["r"]
+    assert forward["alpha"] / forward["r"] == pytest.approx(4.0)  # the largest input scaling, 16/4
+    for path, module in lora_modules(model, "merged").items():
+        assert rel(effective_delta_w(module, "merged"), updates[path]) <= EXACT
+
+
+@pytest.mark.parametrize("strategy", ["linear", "lora_delta_w_svd", "lora_delta_w_concat"])
+def test_mixed_dtypes_merge_in_the_widest_whatever_the_order(strategy):
+    """One float32 and one float16 input: the merged adapter is float32 in both orders, and the report says so."""
+    model = tiny_adapter_model("bert")
+    names = add_loras(model, EQUAL[:2])
+    for key, param in model.named_parameters():
+        if f".{names[1]}." in key:
+            param.data = param.data.half()
+    dtypes = set()
+    for order in (names, names[::-1]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            report = merge(model, order, [0.6, 0.4], strategy)
+        merged = [p for k, p in model.named_parameters() if ".merged." in k]
+        dtypes |= {p.dtype for p in merged}
+        assert report.dtype == "float32"
+        assert any("different dtypes" in note and "float16" in note and "float32" in note for note in report.notes)
+        assert "different dtypes" in report.summary()
+    assert dtypes == {torch.float32}
+
+
 # ============================================================================ dtypes
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("strategy", ["lora_delta_w_svd", "lora_delta_w_concat", "linear", "lora_linear_only_negate_b"])
@@ -394,7 +501,7 @@ def test_report_summary_and_rows(bert_different):
     assert len(rows) == len(lora_modules(model, "merged")) == 8  # query, value, intermediate, output × 2 layers
     assert set(rows[0]) >= {"module", "relative_error", "energy_kept", "rank"}
     assert report.max_error == max(r["relative_error"] for r in rows)
-    assert 0 < report.min_energy_kept < 1 and report.alpha / report.rank == pytest.approx(2.0)
+    assert 0 < report.min_energy_kept < 1 and report.alpha / report.rank == pytest.approx(4.0)
 
 
 # ============================================================================ IA³

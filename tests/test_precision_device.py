@@ -78,6 +78,7 @@ def test_half_precision_is_computed_in_float32(dtype):
             for key, t in merged_tensors(model, name).items():
                 t.copy_(merged_tensors(model, A)[key] * (1 + 0.1 * (i + 1)))
         names.append(name)
+    model.to(torch_dtype)  # new adapters are created in the default dtype
     model.average_adapter(MERGED, names, weights=weights, normalize_weights=False)
     inputs = [merged_tensors(model, n) for n in names]
     for slot, got in merged_tensors(model).items():

@@ -23,9 +23,6 @@ Rules by strategy (λᵢ the merge weights, sᵢ each input's own scaling):
 from __future__ import annotations
 
 import math
-import os
-import sys
-import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -42,10 +39,11 @@ from ..ops import (
     split_factors,
     stack_factors,
 )
+from .._warnings import warn
 from ..ops import task_vectors
-from ..ops.lowrank import svd_difference_norm
 from ..ops.dense_svd import dense_low_rank, dense_relative_error
 from ..state import Slot
+from ..strategies import FAMILY_DESCRIPTIONS
 from .base import Method, MergeContext, group_by, linear_merge
 
 Factors = Tuple[torch.Tensor, torch.Tensor]  # (B, A)
@@ -79,17 +77,6 @@ def _ignored_fields(config, strategy) -> set:
     return {"r", "alpha"} if strategy.merges_delta_w else set()
 
 
-def merged_scaling(configs) -> float:
-    """The scaling alpha/r the adapter made by a delta-W strategy gets: the first input's, or the first
-    non-zero one if the first is zero (a zero scaling could not carry any update); the factors are
-    divided by it, so the effective update s·B·A does not depend on this choice."""
-    return next((s for s in map(scaling, configs) if s != 0.0), 1.0)
-
-
-def _tidy(number: float):
-    return int(round(number)) if abs(number - round(number)) < 1e-9 else number
-
-
 # ----------------------------------------------------------------------------- factor layout
 def split_groups(b: torch.Tensor, a: torch.Tensor, r: int) -> List[Factors]:
     """[(B_j, A_j)] of a (possibly fused) LoRA module: g = rows(A)/r groups."""
@@ -106,29 +93,49 @@ def join_groups(groups: Sequence[Factors]) -> Factors:
 
 
 # ----------------------------------------------------------------------------- the merge
+#: families whose update is a product of merged parameters, so ``linear`` has cross-terms
+_CROSS_TERM_FAMILIES = ("lora", "dora", "lora_gated", "mtl_lora", "vera")
+#: families whose ``linear`` merge the report measures (s·B·A); the others' update is not s·B·A
+_MEASURED_FAMILIES = ("lora", "dora", "lora_gated")
+#: families whose report measures only s·B·A: what else they apply, merged linearly but not measured
+_PARTLY_MEASURED = {"dora": "the DoRA magnitudes", "lora_gated": "the gates"}
+#: a ``linear`` merge whose measured relative error exceeds this warns
+LINEAR_WARNING_THRESHOLD = 1e-3
+#: a re-factorisation (task-vector strategies) that loses more than this warns
+REFACTOR_WARNING_THRESHOLD = 0.1
+_EXACT_STRATEGIES = (
+    "combine_strategy='lora_delta_w_concat' (exact, rank Σ rᵢ) or 'lora_delta_w_svd' (exact at svd_rank=None, "
+    "else the optimal truncation)"
+)
+
+
 def merge_lora(ctx: MergeContext, configs, slots):
     kind = family(configs[0])
     shared = [s for s in slots if s.container == "shared_parameters"]
     units = group_by([s for s in slots if s.container == "loras"], lambda s: s.prefix)
     merged: Dict[Slot, torch.Tensor] = _copy_identical(ctx, shared) if kind == "vera" else {}
     if not ctx.strategy.merges_delta_w:
-        if ctx.strategy.name == "linear" and _mixed_signs(ctx.weights) and kind in _CROSS_TERM_FAMILIES:
-            warnings.warn(_cross_term_warning(kind), UserWarning, stacklevel=_user_stacklevel())
-        if ctx.report is not None and kind in _PARTLY_MEASURED:
+        linear = ctx.strategy.name == "linear" and kind in _CROSS_TERM_FAMILIES
+        if linear and not any(w > 0 for w in ctx.weights) and any(w < 0 for w in ctx.weights):
+            raise ValueError(_only_negative_error(kind, ctx.weights))
+        if kind in _PARTLY_MEASURED:
             ctx.report.target = (
                 f"Σ λᵢ sᵢBᵢAᵢ, the low-rank part only ({_PARTLY_MEASURED[kind]} are merged linearly and not measured)"
             )
+        measured = len(ctx.report.modules)
         for unit in units.values():
             merged.update(_merge_parameters(ctx, configs, unit, kind))
+        if linear and kind in _MEASURED_FAMILIES:
+            _warn_if_linear_is_off(kind, ctx.report.modules[measured:])
+        elif linear and _mixed_signs(ctx.weights):  # not measured: the update is not s·B·A
+            warn(_cross_term_text(kind))
         return configs[0], merged
-    if ctx.report is not None and ctx.strategy.name not in ("lora_delta_w_svd", "lora_delta_w_concat"):
+    if ctx.strategy.name not in ("lora_delta_w_svd", "lora_delta_w_concat"):
         ctx.report.target = f"the dense {ctx.strategy.name} merge of the ΔWᵢ"
-    new_scaling = merged_scaling(configs)
-    rank, tensors = _delta_w_plan(ctx, configs, units, new_scaling)
+    rank, alpha, tensors = _delta_w_plan(ctx, configs, units)
     merged.update(tensors)
-    new_config = configs[0].replace(r=rank, alpha=_tidy(new_scaling * rank))
-    if ctx.report is not None:
-        ctx.report.rank, ctx.report.alpha = rank, new_config["alpha"]
+    new_config = configs[0].replace(r=rank, alpha=alpha)
+    ctx.report.rank, ctx.report.alpha = rank, alpha
     return new_config, merged
 
 
@@ -136,35 +143,46 @@ def _mixed_signs(weights: Sequence[float]) -> bool:
     return any(w < 0 for w in weights) and any(w > 0 for w in weights)
 
 
-#: families whose update is a product of merged parameters, so ``linear`` has cross-terms
-_CROSS_TERM_FAMILIES = ("lora", "dora", "lora_gated", "mtl_lora", "vera")
-#: families whose report measures only s·B·A: what else they apply, merged linearly but not measured
-_PARTLY_MEASURED = {"dora": "the DoRA magnitudes", "lora_gated": "the gates"}
-
-
-def _cross_term_warning(kind: str) -> str:
+def _cross_term_text(kind: str) -> str:
     text = (
-        "combine_strategy='linear' combines the factors of the update (A and B) separately, so with weights "
-        "of mixed signs the merged update has cross-terms Bᵢ·Aⱼ and is not Σ λᵢ ΔWᵢ."
+        "combine_strategy='linear' combines the factors of the update (A and B) separately, so the merged update "
+        "has cross-terms Bᵢ·Aⱼ and is not Σ λᵢ ΔWᵢ"
     )
     if kind == "lora":
-        return text + (
-            " For task arithmetic and unlearning use combine_strategy='lora_delta_w_concat' (exact, rank Σ rᵢ) "
-            "or 'lora_delta_w_svd' (exact at svd_rank=None, else the optimal truncation)."
-        )
+        return text + f". For task arithmetic and unlearning use {_EXACT_STRATEGIES}."
     return text + (
-        " The exact strategies 'lora_delta_w_concat' and 'lora_delta_w_svd' only support plain LoRA, "
+        ". The exact strategies 'lora_delta_w_concat' and 'lora_delta_w_svd' only support plain LoRA, "
         "so the result of this merge is an approximation."
     )
 
 
-def _user_stacklevel() -> int:
-    """stacklevel that points a warning at the first caller outside adapter_merging."""
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-    frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
-        frame, level = frame.f_back, level + 1
-    return level
+def _only_negative_error(kind: str, weights: Sequence[float]) -> str:
+    text = (
+        f"combine_strategy='linear' with only negative weights {list(weights)} negates both factors of the update, "
+        "and (−B)(−A) = BA: the merged adapter would add the skills instead of removing them. "
+    )
+    if kind == "lora":
+        return text + (
+            f"To unlearn, use {_EXACT_STRATEGIES}, or 'lora_linear_only_negate_b' (negates B only, "
+            "Zhang et al. 2023), with normalize_weights=False."
+        )
+    return text + (
+        f"No strategy negates the update of {FAMILY_DESCRIPTIONS[kind]} adapters exactly (the exact strategies "
+        "'lora_delta_w_concat' and 'lora_delta_w_svd', and 'lora_linear_only_negate_b', support plain LoRA only)."
+    )
+
+
+def _warn_if_linear_is_off(kind: str, modules) -> None:
+    """Warn, with the measured error, when a ``linear`` merge misses Σ λᵢ ΔWᵢ by more than 1e-3."""
+    off = [m for m in modules if m.relative_error > max(LINEAR_WARNING_THRESHOLD, m.rounding_floor)]
+    if off:
+        worst = max(m.relative_error for m in modules)
+        mean = sum(m.relative_error for m in modules) / len(modules)
+        part = " of the low-rank part s·B·A" if kind in _PARTLY_MEASURED else ""
+        warn(
+            f"{_cross_term_text(kind).split('. ')[0]}: measured relative error{part} {worst:.3g} (mean {mean:.3g}) "
+            f"over {len(modules)} modules. " + _cross_term_text(kind).split(". ", 1)[1]
+        )
 
 
 def _copy_identical(ctx: MergeContext, slots: Sequence[Slot]) -> Dict[Slot, torch.Tensor]:
@@ -190,13 +208,18 @@ def _merge_parameters(ctx: MergeContext, configs, unit: Sequence[Slot], kind: st
     if kind == "ia3":
         slot = by_param["lora_B"]
         alpha = scaling(configs[0])
+        if alpha == 0:
+            raise ValueError(
+                f"The IA³ adapter '{ctx.names[0]}' has alpha=0: its scaling vector α·l is 0 whatever l is, so its "
+                "deviation from identity (α·l − 1) cannot be merged. Use IA³ adapters with a non-zero alpha."
+            )
         deviation = sum(w * (alpha * t.to(compute_dtype(t.dtype)) - 1.0) for w, t in zip(ctx.weights, ctx.inputs(slot)))
-        merged[slot] = ((1.0 + deviation) / alpha).to(ctx.inputs(slot)[0].dtype)
+        merged[slot] = ((1.0 + deviation) / alpha).to(merged[slot].dtype)
     if ctx.strategy.name == "lora_linear_only_negate_b":
         slot = by_param["lora_A"]
         abs_ctx = MergeContext(ctx.names, [abs(w) for w in ctx.weights], ctx.tensors, ctx.strategy)
         merged[slot] = linear_merge(abs_ctx, [slot])[slot]
-    if kind in ("lora", "dora", "lora_gated") and ctx.report is not None and "lora_A" in by_param:
+    if kind in _MEASURED_FAMILIES and "lora_A" in by_param:
         _report_parameter_merge(ctx, configs, by_param, merged)
     return merged
 
@@ -206,17 +229,14 @@ def _report_parameter_merge(ctx, configs, by_param, merged) -> None:
     a_slot, b_slot = by_param["lora_A"], by_param["lora_B"]
     r, s = configs[0]["r"], scaling(configs[0])
     inputs = [split_groups(ctx.tensors[n][b_slot], ctx.tensors[n][a_slot], c["r"]) for n, c in zip(ctx.names, configs)]
-    result = split_groups(merged[b_slot], merged[a_slot], r)
-    diff_sq = ref_sq = noise_sq = 0.0
-    for j, (b_new, a_new) in enumerate(result):
-        b_ref, a_ref = stack_factors([groups[j] for groups in inputs], [w * scaling(c) for w, c in zip(ctx.weights, configs)])
-        ref_sq += lowrank_frobenius_norm(b_ref, a_ref) ** 2
-        noise_sq += rounding_floor(b_ref, a_ref) ** 2
-        diff_b = torch.cat([b_new.to(torch.float64) * s, -b_ref], dim=1)
-        diff_sq += lowrank_frobenius_norm(diff_b, torch.cat([a_new.to(torch.float64), a_ref], dim=0)) ** 2
-    ctx.report.add(a_slot.prefix, _ratio(diff_sq, ref_sq, noise_sq), 1.0, r)
+    coefficients = [w * scaling(c) for w, c in zip(ctx.weights, configs)]
+    targets = [stack_factors([groups[j] for groups in inputs], coefficients) for j in range(len(inputs[0]))]
+    stored = split_groups(merged[b_slot], merged[a_slot], r)
+    error, floor = measured_error(stored, targets, s)
+    ctx.report.add(a_slot.prefix, error, 1.0, r, rounding_floor=floor)
 
 
+# ----------------------------------------------------------------------------- measuring
 def rounding_floor(b: torch.Tensor, a: torch.Tensor) -> float:
     """Size of the float64 rounding in any quantity computed from the factors of B·A:
     max(d, k, R)·ε·‖B‖_F‖A‖_F. Singular values below it are zero, and a target whose norm is below
@@ -225,66 +245,117 @@ def rounding_floor(b: torch.Tensor, a: torch.Tensor) -> float:
     return size * torch.finfo(torch.float64).eps * float(b.to(torch.float64).norm()) * float(a.to(torch.float64).norm())
 
 
-def _ratio(diff_sq: float, ref_sq: float, noise_sq: float = 0.0) -> float:
-    """‖merged − target‖/‖target‖; a target below the rounding floor counts as zero, and so does a
-    difference from it that is below the floor."""
-    if ref_sq <= noise_sq:
-        return 0.0 if diff_sq <= 4.0 * noise_sq else math.inf
-    return math.sqrt(diff_sq / ref_sq)
+def difference_norm(b_new: torch.Tensor, a_new: torch.Tensor, b_ref: torch.Tensor, a_ref: torch.Tensor, scaling: float):
+    """(‖s·B_new·A_new − B_ref·A_ref‖_F, whether it is exactly 0), from the factors, in float64.
+
+    Where the stored A is the reference's A (concat, a single input), the difference is
+    (s·B_new − B_ref)·A_ref: subtracting the factors first cancels exactly, so an exact merge
+    measures 0 even where the target is far below ‖B_ref‖‖A_ref‖. Otherwise the difference is
+    the product of [s·B_new, −B_ref] and [A_new; A_ref] (`lowrank_frobenius_norm`)."""
+    b64, a64 = b_new.to(torch.float64) * float(scaling), a_new.to(torch.float64)
+    if a64.shape == a_ref.shape and torch.equal(a64, a_ref):
+        delta_b = b64 - b_ref
+        if not bool(delta_b.any()):
+            return 0.0, True
+        return lowrank_frobenius_norm(delta_b, a_ref), False
+    return lowrank_frobenius_norm(torch.cat([b64, -b_ref], dim=1), torch.cat([a64, a_ref], dim=0)), False
+
+
+def measured_error(stored: Sequence[Factors], targets: Sequence[Factors], scaling: float) -> Tuple[float, float]:
+    """(relative error, rounding floor) of stored factors (one pair per fused group) against the target
+    Σ λᵢ sᵢBᵢAᵢ given as stacked float64 factors (B_cat, A_cat) per group (see `relative_error`)."""
+    diff_sq = ref_sq = floor_sq = 0.0
+    exact = True
+    for (b_new, a_new), (b_ref, a_ref) in zip(stored, targets):
+        diff, proven = difference_norm(b_new, a_new, b_ref, a_ref, scaling)
+        exact &= proven
+        diff_sq += diff**2
+        ref_sq += lowrank_frobenius_norm(b_ref, a_ref) ** 2
+        floor_sq += rounding_floor(b_ref, a_ref) ** 2
+    if exact:
+        return 0.0, 0.0
+    return relative_error(diff_sq, ref_sq, floor_sq)
+
+
+def relative_error(diff_sq: float, ref_sq: float, floor_sq: float = 0.0) -> Tuple[float, float]:
+    """(‖merged − target‖/‖target‖, rounding floor/‖target‖). The true error lies within the error ±
+    the floor: the floor is what rounding of the inputs lets one measure (and compute). A target below
+    the floor counts as zero: error 0 if the difference is below it too, else ∞; floor 1."""
+    if ref_sq <= floor_sq:
+        return (0.0 if diff_sq <= 4.0 * floor_sq else math.inf), 1.0
+    return math.sqrt(diff_sq / ref_sq), min(1.0, math.sqrt(floor_sq / ref_sq))
 
 
 # ----------------------------------------------------------------------------- delta-W strategies
+def merged_scaling(configs, weights: Sequence[float]) -> float:
+    """The scaling s = alpha/r of the adapter a delta-W strategy makes: the largest |sᵢ| of the inputs
+    with a non-zero weight (of all inputs if every weight is 0; 1 if every scaling is 0), whatever their
+    order. The stored factors carry ΔW/s (B = U√(S/s), B_cat/s), so with this s they are no larger than
+    the inputs' own — σ₁(ΔW)/s ≤ Σ |λᵢ| ‖Bᵢ‖‖Aᵢ‖ — and do not overflow in half precision. The effective
+    update s·B·A does not depend on the choice."""
+    used = [abs(scaling(c)) for c, w in zip(configs, weights) if w != 0] or [abs(scaling(c)) for c in configs]
+    return max((s for s in used if s != 0.0), default=max((abs(scaling(c)) for c in configs if scaling(c)), default=1.0))
+
+
+def merged_alpha(new_scaling: float, rank: int):
+    """alpha = s·r; an integer when it is one to 1e-12 relative (16.000000000000004 → 16), never rounded
+    to 0 or by more than that (alpha = 1e-10 stays 1e-10)."""
+    alpha = new_scaling * rank
+    nearest = round(alpha)
+    return int(nearest) if nearest != 0 and abs(alpha - nearest) <= 1e-12 * abs(alpha) else alpha
+
+
 @dataclass
 class _Update:
-    """The merged update of one module (one fused group): how to factor it, and its target norm."""
+    """One module's (one fused group's) merged update: how to store it at a rank, and how far that is
+    from its target. Exact strategies keep the target as stacked factors and measure the stored
+    factors against it; task-vector strategies measure their stored factors against the dense merge
+    when they are made (phase 1), since the dense d × k target is not kept."""
 
-    ref_sq: float  # ‖target ΔW‖²_F
-    svd: Optional[LowRankSVD] = None  # exact (factored) or re-factorised SVD of the target
-    concat: Optional[Factors] = None  # exact stacked factors (B_cat, A_cat)
-    residual_sq: Optional[float] = None  # measured ‖target − re-factorised‖², task-vector strategies
-    target: Optional[Factors] = None  # the exact target as stacked factors (lora_delta_w_svd), for the report
-    noise_sq: float = 0.0  # squared rounding floor of the target (see rounding_floor)
+    ref_sq: float  # ‖target‖²_F
+    floor_sq: float  # squared rounding floor of the target (see rounding_floor)
+    target: Optional[Factors] = None  # exact target (B_cat, A_cat), float64: lora_delta_w_svd / concat
+    svd: Optional[LowRankSVD] = None  # SVD of the target (lora_delta_w_svd) or of the dense merge (task vectors)
+    stored: Optional[Factors] = None  # task vectors: factors at their own rank, in the stored dtype
+    stored_error_sq: float = 0.0  # task vectors: ‖dense merge − s·B·A‖² of ``stored``, measured densely
 
     def factors(self, rank: int, new_scaling: float, dtype) -> Factors:
-        if self.concat is not None:
-            b_cat, a_cat = self.concat
+        if self.stored is not None:  # own rank ≤ rank: pad with zeros (exact, unused)
+            return pad_factors(*self.stored, rank)
+        if self.svd is None:  # concat
+            b_cat, a_cat = self.target
             return (b_cat / new_scaling).to(dtype), a_cat.to(dtype)
         return split_factors(self.svd, rank, new_scaling, dtype)
 
-    @property
-    def exact_factors(self) -> Optional[Factors]:
-        """The target as exact stacked factors, when known (concat and SVD)."""
-        return self.concat if self.concat is not None else self.target
-
-    def error_sq_and_kept(self, rank: int) -> Tuple[float, float]:
-        """(‖merged − target‖², ‖kept‖²) predicted from the decomposition."""
-        if self.concat is not None:
-            return 0.0, self.ref_sq
-        kept_sq = float((self.svd.S[:rank].to(torch.float64) ** 2).sum())
-        if self.residual_sq is not None:
-            # the residual of the re-factorisation is orthogonal to its span, so truncating it further
-            # (a common rank below this module's own) adds exactly the dropped singular values
-            dropped_sq = float((self.svd.S[rank:].to(torch.float64) ** 2).sum())
-            return self.residual_sq + dropped_sq, kept_sq
-        # the dropped tail itself, not ‖ΔW‖² − kept, whose cancellation loses a small error's digits
-        return float((self.svd.S[rank:].to(torch.float64) ** 2).sum()), kept_sq
+    def energy_kept(self, rank: int) -> float:
+        if self.svd is None:
+            return 1.0
+        kept = self.svd.S[:rank] if self.stored is None else self.svd.S
+        return float((kept.to(torch.float64) ** 2).sum()) / self.ref_sq if self.ref_sq else 1.0
 
     def own_rank(self, tol: Optional[float]) -> int:
         """The rank this module needs: a re-factorised (task-vector) update was already truncated
         to it by ``dense_low_rank``; an exact SVD is truncated by ``svd_tol`` here."""
-        if self.residual_sq is not None:
+        if self.stored is not None:
             return int(self.svd.S.numel())
         return select_rank(self.svd.S, None, tol)
 
 
-def _delta_w_plan(
-    ctx: MergeContext, configs, units, new_scaling: float
-) -> Tuple[int, Dict[Slot, torch.Tensor]]:
-    """Merge the updates ΔWᵢ = sᵢ Bᵢ Aᵢ of every LoRA module; one rank for the whole adapter, whose
-    factors are written for the scaling ``new_scaling`` (new_scaling·B·A is the merged update).
+def pad_factors(b: torch.Tensor, a: torch.Tensor, rank: int) -> Factors:
+    """(B, A) of rank q ≤ ``rank`` as rank ``rank``: zero columns of B and rows of A (the same update)."""
+    extra = rank - b.shape[1]
+    if extra <= 0:
+        return b, a
+    return torch.cat([b, b.new_zeros(b.shape[0], extra)], dim=1), torch.cat([a, a.new_zeros(extra, a.shape[1])], dim=0)
+
+
+def _delta_w_plan(ctx: MergeContext, configs, units) -> Tuple[int, float, Dict[Slot, torch.Tensor]]:
+    """Merge the updates ΔWᵢ = sᵢ Bᵢ Aᵢ of every LoRA module: one rank and one scaling for the whole
+    adapter (``merged_scaling``); returns (rank, alpha, {slot: factor}).
 
     Phase 1 decomposes each module's merged update (memory: one dense d × k update at a time for
-    the task-vector strategies, none otherwise); phase 2 writes factors of the common rank."""
+    the task-vector strategies, none otherwise); phase 2 writes factors of the common rank and
+    measures what is stored."""
     if ctx.options.get("svd_rank") is not None and ctx.options.get("svd_tol") is not None:
         raise ValueError(
             f"Pass either svd_rank (a fixed rank) or svd_tol (the smallest rank whose relative error is at most "
@@ -297,47 +368,70 @@ def _delta_w_plan(
     ranks = [int(c["r"]) for c in configs]
     scalings = [scaling(c) for c in configs]
     coefficients = [w * s for w, s in zip(ctx.weights, scalings)]
+    new_scaling = merged_scaling(configs, ctx.weights)
     updates: Dict[Tuple[Slot, Slot], List[_Update]] = {}
     for prefix, slots in units.items():
         a_slot = next(s for s in slots if s.param == "lora_A")
         b_slot = a_slot.replace_param("lora_B")
+        dtype = ctx.inputs(a_slot)[0].dtype
         groups = [split_groups(ctx.tensors[n][b_slot], ctx.tensors[n][a_slot], r) for n, r in zip(ctx.names, ranks)]
         if len({len(g) for g in groups}) > 1:
             raise ValueError(f"The inputs fuse different numbers of projections at '{prefix}': check attn_matrices.")
         updates[(a_slot, b_slot)] = [
-            _decompose(ctx, [g[j] for g in groups], coefficients, scalings, ranks) for j in range(len(groups[0]))
+            _decompose(ctx, [g[j] for g in groups], coefficients, scalings, ranks, new_scaling, dtype)
+            for j in range(len(groups[0]))
         ]
     rank = _choose_rank(ctx, updates, ranks)
+    alpha = merged_alpha(new_scaling, rank)
     tensors: Dict[Slot, torch.Tensor] = {}
     for (a_slot, b_slot), group_updates in updates.items():
         like = ctx.inputs(a_slot)[0]
-        b, a = join_groups([u.factors(rank, new_scaling, like.dtype) for u in group_updates])
+        stored = [u.factors(rank, new_scaling, like.dtype) for u in group_updates]
+        b, a = join_groups(stored)
         tensors[a_slot], tensors[b_slot] = a.to(like.device), b.to(like.device)
-        if ctx.report is not None:
-            ref_sq = sum(u.ref_sq for u in group_updates)
-            error_sq, kept_sq = map(sum, zip(*(u.error_sq_and_kept(rank) for u in group_updates)))
-            kept = kept_sq / ref_sq if ref_sq else 1.0
-            if all(u.exact_factors is not None for u in group_updates):
-                # concat and SVD: measured from the stored factors (their dtype included), not assumed
-                error = _measured_error(ctx, a_slot, b_slot, tensors, group_updates, new_scaling, rank)
-                ctx.report.add(a_slot.prefix, error, kept, rank)
-                continue
-            ctx.report.add(a_slot.prefix, _ratio(error_sq, ref_sq), kept, rank)
-    return rank, tensors
+        ref_sq = sum(u.ref_sq for u in group_updates)
+        kept = sum(u.energy_kept(rank) * u.ref_sq for u in group_updates) / ref_sq if ref_sq else 1.0
+        if group_updates[0].target is not None:  # concat and SVD: the stored factors against the exact target
+            error, floor = measured_error(stored, [u.target for u in group_updates], new_scaling)
+        else:
+            error, floor = relative_error(
+                sum(u.stored_error_sq for u in group_updates), ref_sq, sum(u.floor_sq for u in group_updates)
+            )
+        ctx.report.add(a_slot.prefix, error, kept, rank, rounding_floor=floor)
+    if ctx.strategy.name not in ("lora_delta_w_svd", "lora_delta_w_concat"):
+        _warn_if_refactorisation_loses(ctx, rank, updates)
+    return rank, alpha, tensors
 
 
-def _decompose(ctx: MergeContext, factors: Sequence[Factors], coefficients, scalings, ranks) -> _Update:
+def _warn_if_refactorisation_loses(ctx: MergeContext, rank: int, updates) -> None:
+    modules = ctx.report.modules[-len(updates):]
+    off = [m for m in modules if m.relative_error > max(REFACTOR_WARNING_THRESHOLD, m.rounding_floor)]
+    if not off:
+        return
+    worst = max(m.relative_error for m in modules)
+    full = max(min(u.svd.U.shape[0], u.svd.Vh.shape[1]) for group in updates.values() for u in group)
+    how = "the default rank Σ rᵢ" if ctx.options.get("svd_rank") is None else f"svd_rank={ctx.options['svd_rank']}"
+    warn(
+        f"combine_strategy='{ctx.strategy.name}' re-factorised the merged updates to rank {rank} ({how}) and lost "
+        f"up to {worst:.3g} of them (relative error; {len(off)} of {len(modules)} modules above "
+        f"{REFACTOR_WARNING_THRESHOLD:g}): pruning and sign election make the dense merge high-rank. For more, "
+        f"pass a larger svd_rank (up to {full}, the full rank), or svd_tol=0.05 for the smallest rank within 5% "
+        "in every module."
+    )
+
+
+def _decompose(ctx: MergeContext, factors: Sequence[Factors], coefficients, scalings, ranks, new_scaling, dtype):
     name = ctx.strategy.name
     stacked = stack_factors(factors, coefficients)
     if name == "lora_delta_w_concat":
-        return _Update(lowrank_frobenius_norm(*stacked) ** 2, concat=stacked, noise_sq=rounding_floor(*stacked) ** 2)
+        return _Update(lowrank_frobenius_norm(*stacked) ** 2, rounding_floor(*stacked) ** 2, target=stacked)
     if name == "lora_delta_w_svd":
         svd = factored_svd(*stacked)
         # singular values at the rounding level are zero: they are not part of the exact rank
         floor = rounding_floor(*stacked)
         svd = svd._replace(S=torch.where(svd.S > floor, svd.S, torch.zeros_like(svd.S)))
-        return _Update(float((svd.S.to(torch.float64) ** 2).sum()), svd=svd, target=stacked, noise_sq=floor**2)
-    dense = _task_vector_merge(ctx, factors, scalings)
+        return _Update(float((svd.S.to(torch.float64) ** 2).sum()), floor**2, target=stacked, svd=svd)
+    dense, compute_eps = _task_vector_merge(ctx, factors, scalings)
     rank = ctx.options.get("svd_rank")
     if rank is None and ctx.options.get("svd_tol") is None:
         rank = sum(ranks)
@@ -345,43 +439,34 @@ def _decompose(ctx: MergeContext, factors: Sequence[Factors], coefficients, scal
     # caller's global torch RNG is never drawn from
     sketch_seed = torch.Generator().manual_seed(int(ctx.options.get("seed", 0)))
     svd = dense_low_rank(dense, svd_rank=rank, rel_tol=ctx.options.get("svd_tol"), generator=sketch_seed)
-    b, a = svd.U * svd.S, svd.Vh
+    stored = split_factors(svd, svd.S.numel(), new_scaling, dtype)  # what is written, measured as written
+    error = dense_relative_error(dense, stored[0], stored[1], new_scaling)
     ref_sq = float((dense.to(torch.float64) ** 2).sum())
-    residual_sq = (dense_relative_error(dense, b, a) ** 2) * ref_sq
-    return _Update(ref_sq, svd=svd, residual_sq=residual_sq)
+    # the dense merge is computed in compute_eps: a product of rank rᵢ and a sum of n tasks per entry
+    size = [(r + len(factors)) * abs(c) * float(b.double().norm()) * float(a.double().norm())
+            for (b, a), c, r in zip(factors, coefficients, ranks)]
+    floor = compute_eps * sum(size)
+    return _Update(ref_sq, floor**2, svd=svd, stored=stored, stored_error_sq=(error**2) * ref_sq)
 
 
-def _task_vector_merge(ctx: MergeContext, factors: Sequence[Factors], scalings: Sequence[float]) -> torch.Tensor:
-    """Dense ΔWᵢ = sᵢ Bᵢ Aᵢ of one module, merged by the task-vector strategy ``ctx.strategy``."""
+def _task_vector_merge(ctx: MergeContext, factors: Sequence[Factors], scalings: Sequence[float]):
+    """(dense merge of the ΔWᵢ = sᵢ Bᵢ Aᵢ of one module by the strategy ``ctx.strategy``, ε of its dtype)."""
     dtype = torch.float64 if factors[0][0].dtype == torch.float64 else torch.float32
     tasks = torch.stack([s * (b.to(dtype) @ a.to(dtype)) for (b, a), s in zip(factors, scalings)])
     options, name, generator = ctx.options, ctx.strategy.name, ctx.generator
+    eps = torch.finfo(dtype).eps
     if name == "ties":
-        return task_vectors.ties(tasks, ctx.weights, options["density"], options["majority_sign_method"])
+        return task_vectors.ties(tasks, ctx.weights, options["density"], options["majority_sign_method"]), eps
     if name == "dare_linear":
-        return task_vectors.dare_linear(tasks, ctx.weights, options["density"], generator)
+        return task_vectors.dare_linear(tasks, ctx.weights, options["density"], generator), eps
     if name == "dare_ties":
-        return task_vectors.dare_ties(tasks, ctx.weights, options["density"], generator, options["majority_sign_method"])
+        merged = task_vectors.dare_ties(tasks, ctx.weights, options["density"], generator, options["majority_sign_method"])
+        return merged, eps
     if name == "magnitude_prune":
-        return task_vectors.magnitude_prune(tasks, ctx.weights, options["density"])
+        return task_vectors.magnitude_prune(tasks, ctx.weights, options["density"]), eps
     if name == "breadcrumbs":
-        return task_vectors.breadcrumbs(tasks, ctx.weights, options["density"], options["gamma"])
+        return task_vectors.breadcrumbs(tasks, ctx.weights, options["density"], options["gamma"]), eps
     raise ValueError(f"combine_strategy='{name}' is not a task-vector strategy.")  # pragma: no cover
-
-
-def _measured_error(ctx, a_slot, b_slot, tensors, group_updates, new_scaling, rank) -> float:
-    diff_sq = ref_sq = noise_sq = 0.0
-    stored = split_groups(tensors[b_slot], tensors[a_slot], rank)
-    for (b_new, a_new), update in zip(stored, group_updates):
-        ref_sq += update.ref_sq
-        noise_sq += update.noise_sq
-        if update.concat is None:  # against the exact SVD of the target: products, no QR
-            diff_sq += svd_difference_norm(update.svd, b_new, a_new, new_scaling) ** 2
-            continue
-        b_ref, a_ref = update.concat
-        diff = torch.cat([b_new.to(torch.float64) * new_scaling, -b_ref], dim=1)
-        diff_sq += lowrank_frobenius_norm(diff, torch.cat([a_new.to(torch.float64), a_ref], dim=0)) ** 2
-    return _ratio(diff_sq, ref_sq, noise_sq)
 
 
 def _choose_rank(ctx: MergeContext, updates, ranks: Sequence[int]) -> int:
@@ -403,7 +488,7 @@ def _choose_rank(ctx: MergeContext, updates, ranks: Sequence[int]) -> int:
         return max(1, max(int((u.svd.S > 0).sum()) for group_updates in updates.values() for u in group_updates))
     if svd_rank is None:
         return max(1, available)
-    if svd_rank > available and ctx.report is not None:
+    if svd_rank > available:
         ctx.report.notes.append(
             f"svd_rank={svd_rank} exceeds the rank of the merged update ({available}); used {available}."
         )
