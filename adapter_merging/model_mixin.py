@@ -24,7 +24,30 @@ logger = logging.getLogger("adapter_merging")
 AdapterList = Union[Sequence[str], Mapping[str, float]]
 Weights = Optional[Union[Sequence[float], Mapping[str, float]]]
 
-_PARAMETERS_DOC = """
+# ----------------------------------------------------------------------------- public functions
+def average_adapter(
+    model: torch.nn.Module,
+    adapter_name: str,
+    adapter_list: AdapterList,
+    weights: Weights = None,
+    combine_strategy: CombineStrategy = "linear",
+    normalize_weights: bool = True,
+    overwrite_ok: bool = False,
+    set_active: bool = False,
+    svd_rank: Optional[int] = None,
+    *,
+    svd_tol: Optional[float] = None,
+    density: Optional[float] = None,
+    majority_sign_method: Optional[SignMethod] = None,
+    gamma: Optional[float] = None,
+    seed: Optional[int] = None,
+) -> MergeReport:
+    """Add ``adapter_name`` to ``model`` as a weighted combination of the adapters in ``adapter_list``.
+
+    Drop-in for ``adapters``' ``model.average_adapter`` (same positional parameters), with the
+    strategy options as keywords. On any error the model is left exactly as it was.
+
+    :param model: an ``adapters`` model (``adapters.init(model)`` or ``AutoAdapterModel``).
     :param adapter_name: name of the new adapter.
     :param adapter_list: the adapters to merge, as a list of names, or a dict ``{name: weight}``
         (then ``weights`` must be None). Sets are refused (they have no order).
@@ -51,37 +74,7 @@ _PARAMETERS_DOC = """
     :returns: the `MergeReport`: per module, the relative error of the merged update against its target.
     :raises ValueError: bad names, weights, configurations or options (the message names the fix).
     :raises TypeError: arguments of the wrong type (e.g. a flag that is not a bool).
-"""
-
-_HEAD_PARAMETERS_DOC = """
-    :param head_name: name of the new head.
-    :param head_list: the heads to merge, as a list of names, or a dict ``{name: weight}``.
-    :param weights: one weight per head, or a dict ``{name: weight}``; None gives each 1/N.
-    :param normalize_weights: divide the weights by their sum (which must be > 0).
-    :param overwrite_ok: replace an existing head named ``head_name``.
-    :param set_active: activate the new head.
-    :returns: a `MergeReport` of the merge (its weights; a linear merge of heads is exact).
-"""
-
-
-# ----------------------------------------------------------------------------- public functions
-def average_adapter(
-    model: torch.nn.Module,
-    adapter_name: str,
-    adapter_list: AdapterList,
-    weights: Weights = None,
-    combine_strategy: CombineStrategy = "linear",
-    normalize_weights: bool = True,
-    overwrite_ok: bool = False,
-    set_active: bool = False,
-    svd_rank: Optional[int] = None,
-    *,
-    svd_tol: Optional[float] = None,
-    density: Optional[float] = None,
-    majority_sign_method: Optional[SignMethod] = None,
-    gamma: Optional[float] = None,
-    seed: Optional[int] = None,
-) -> MergeReport:
+    """
     _check_adapter_model(model)
     _check_new_name(adapter_name, "adapter")
     check_flag("overwrite_ok", overwrite_ok)
@@ -124,17 +117,6 @@ def average_adapter(
     return report
 
 
-average_adapter.__doc__ = (
-    """Add ``adapter_name`` to ``model`` as a weighted combination of the adapters in ``adapter_list``.
-
-    Drop-in for ``adapters``' ``model.average_adapter`` (same positional parameters), with the
-    strategy options as keywords. On any error the model is left exactly as it was.
-
-    :param model: an ``adapters`` model (``adapters.init(model)`` or ``AutoAdapterModel``)."""
-    + _PARAMETERS_DOC
-)
-
-
 def average_head(
     model: torch.nn.Module,
     head_name: str,
@@ -144,6 +126,19 @@ def average_head(
     overwrite_ok: bool = False,
     set_active: bool = False,
 ) -> MergeReport:
+    """Add the prediction head ``head_name`` as Σ λᵢ headᵢ of heads of one class and configuration
+    (number of labels and label names included). Weights as in `average_adapter`. Weights tied
+    to the input embeddings stay tied. On any error the model is left exactly as it was.
+
+    :param model: an ``adapters`` model with flexible heads (``AutoAdapterModel``).
+    :param head_name: name of the new head.
+    :param head_list: the heads to merge, as a list of names, or a dict ``{name: weight}``.
+    :param weights: one weight per head, or a dict ``{name: weight}``; None gives each 1/N.
+    :param normalize_weights: divide the weights by their sum (which must be > 0).
+    :param overwrite_ok: replace an existing head named ``head_name``.
+    :param set_active: activate the new head.
+    :returns: a `MergeReport` of the merge (its weights; a linear merge of heads is exact).
+    """
     if isinstance(model, _WRAPPERS):
         _check_adapter_model(model)
     if not isinstance(getattr(model, "heads", None), torch.nn.ModuleDict):
@@ -192,16 +187,6 @@ def average_head(
         _write(model, head_name, merged, names, "head")
     logger.info("Merged head %s", report.summary())
     return report
-
-
-average_head.__doc__ = (
-    """Add the prediction head ``head_name`` as Σ λᵢ headᵢ of heads of one class and configuration
-    (number of labels and label names included). Weights as in `average_adapter`. Weights tied
-    to the input embeddings stay tied. On any error the model is left exactly as it was.
-
-    :param model: an ``adapters`` model with flexible heads (``AutoAdapterModel``)."""
-    + _HEAD_PARAMETERS_DOC
-)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -303,18 +288,14 @@ class ModelMixin:
         gamma: Optional[float] = None,
         seed: Optional[int] = None,
     ) -> MergeReport:
+        """Add ``adapter_name`` as a weighted combination of the adapters in ``adapter_list``:
+        `adapter_merging.average_adapter` on this model (every parameter is documented there)."""
         return average_adapter(
             self, adapter_name, adapter_list, weights, combine_strategy, normalize_weights, overwrite_ok, set_active,
             svd_rank, svd_tol=svd_tol, density=density, majority_sign_method=majority_sign_method, gamma=gamma,
             seed=seed,
         )
 
-    average_adapter.__doc__ = (
-        """Add ``adapter_name`` as a weighted combination of the adapters in ``adapter_list``
-    (see `adapter_merging.average_adapter`). On any error the model is left exactly as it was.
-"""
-        + _PARAMETERS_DOC
-    )
 
     def average_head(
         self,
@@ -325,13 +306,9 @@ class ModelMixin:
         overwrite_ok: bool = False,
         set_active: bool = False,
     ) -> MergeReport:
+        """Add the head ``head_name`` as Σ λᵢ headᵢ: `adapter_merging.average_head` on this model."""
         return average_head(self, head_name, head_list, weights, normalize_weights, overwrite_ok, set_active)
 
-    average_head.__doc__ = (
-        """Add the head ``head_name`` as Σ λᵢ headᵢ (see `adapter_merging.average_head`).
-"""
-        + _HEAD_PARAMETERS_DOC
-    )
 
 
 class MergeableModel(Protocol):
@@ -354,7 +331,9 @@ class MergeableModel(Protocol):
         majority_sign_method: Optional[SignMethod] = None,
         gamma: Optional[float] = None,
         seed: Optional[int] = None,
-    ) -> MergeReport: ...
+    ) -> MergeReport:
+        """`adapter_merging.average_adapter` on this model (every parameter is documented there)."""
+
 
     def average_head(
         self,
@@ -364,12 +343,23 @@ class MergeableModel(Protocol):
         normalize_weights: bool = True,
         overwrite_ok: bool = False,
         set_active: bool = False,
-    ) -> MergeReport: ...
+    ) -> MergeReport:
+        """`adapter_merging.average_head` on this model."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
 
     def __getattr__(self, name: str) -> Any: ...
 
+
+def _method_doc(function) -> str:
+    """The function's docstring for the method of the same name: ``help(model.average_adapter)`` lists
+    every parameter, written once (without ``model``, which is the method's ``self``)."""
+    lines = (function.__doc__ or "").splitlines(keepends=True)
+    return "".join(line for line in lines if not line.lstrip().startswith(":param model:"))
+
+
+ModelMixin.average_adapter.__doc__ = _method_doc(average_adapter)
+ModelMixin.average_head.__doc__ = _method_doc(average_head)
 
 _MIXED_CLASSES: Dict[type, type] = {}
 
