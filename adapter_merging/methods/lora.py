@@ -10,15 +10,21 @@ Rules by strategy (λᵢ the merge weights, sᵢ each input's own scaling):
 
 * ``linear`` — A = Σ λᵢ Aᵢ, B = Σ λᵢ Bᵢ (plus gates, DoRA magnitudes, VeRA vectors linearly);
   IA³ merges the deviation from identity of its scaling vector: α·l = 1 + Σ λᵢ (α·lᵢ − 1).
+  Its error against Σ λᵢ ΔWᵢ is measured and warned about above 1e-3; only negative weights are
+  refused, since (−B)(−A) = BA.
 * ``lora_linear_only_negate_b`` — A = Σ |λᵢ| Aᵢ, B = Σ λᵢ Bᵢ.
 * ``lora_delta_w_svd`` — target ΔW = Σ λᵢ sᵢ Bᵢ Aᵢ, exact factored SVD, truncated to one rank for
   all layers: ``svd_rank``; or with ``svd_tol`` the smallest rank whose relative truncation error is
   ≤ svd_tol in every layer; or (neither) the exact rank, the largest numerical rank of any layer's
-  target. The merged adapter's own scaling s (the first input's) is folded into the factors,
-  B = U√(S/s), A = √(S/s)Vh, so s·B·A equals the target's optimal (Eckart–Young) truncation.
+  target. The merged adapter's own scaling s (`merged_scaling`: the inputs' largest) is folded into
+  the factors, B = U√(S/s), A = √(S/s)Vh, so s·B·A equals the target's optimal (Eckart–Young)
+  truncation.
 * ``lora_delta_w_concat`` — B = [λ₁s₁B₁ … λₙsₙBₙ]/s, A = [A₁; …; Aₙ]: exact, rank Σ rᵢ.
 * task-vector strategies (``ties``, ``dare_*``, ``magnitude_prune``, ``breadcrumbs``) — applied to
-  the dense per-adapter updates ΔWᵢ = sᵢ Bᵢ Aᵢ of one layer at a time, then re-factorised.
+  the dense per-adapter updates ΔWᵢ = sᵢ Bᵢ Aᵢ of one layer at a time, then re-factorised; a
+  re-factorisation that loses more than 10 % warns.
+
+The report measures what is stored against the target (`measured_error`, with its rounding floor).
 """
 from __future__ import annotations
 
