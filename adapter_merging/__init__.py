@@ -8,7 +8,7 @@ weights — and average prediction heads.
     >>> adapter_merging.init(model)                                  # doctest: +SKIP
     >>> model.average_adapter("avg", ["a", "b"], weights=[0.5, 0.5])  # doctest: +SKIP
 """
-from .model_mixin import MergeableModel, ModelMixin, average_adapter, average_head, init
+from .model_mixin import ModelMixin, average_adapter, average_head, init
 from .report import MergeReport, ModuleReport
 from .strategies import STRATEGIES, CombineStrategy, SignMethod, Strategy, get_strategy, strategies_for
 
@@ -19,7 +19,6 @@ __all__ = [
     "average_adapter",
     "average_head",
     "ModelMixin",
-    "MergeableModel",
     "CombineStrategy",
     "SignMethod",
     "MergeReport",

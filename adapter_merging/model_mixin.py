@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -269,7 +269,17 @@ def _write(model, name: str, merged: Dict[Slot, torch.Tensor], inputs: Sequence[
 
 class ModelMixin:
     """Mixed into a model's class by `adapter_merging.init`: ``average_adapter`` and
-    ``average_head`` with the ``adapters`` signatures, done by `adapter_merging`."""
+    ``average_head`` with the ``adapters`` signatures, done by `adapter_merging`.
+
+    `init` returns the model typed as this class: for type checkers its other attributes (the
+    model's own methods, calling it) are ``Any``, so ``init(model).average_adapter(...)`` and
+    ``init(model).train_adapter(...)`` both type-check."""
+
+    if TYPE_CHECKING:  # for type checkers only: at run time the model's own class answers these
+
+        def __getattr__(self, name: str) -> Any: ...
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
 
     def average_adapter(
         self,
@@ -311,46 +321,6 @@ class ModelMixin:
 
 
 
-class MergeableModel(Protocol):
-    """What `init` returns, for type checkers: the model, with `ModelMixin`'s methods; any other
-    attribute of the model is typed ``Any``."""
-
-    def average_adapter(
-        self,
-        adapter_name: str,
-        adapter_list: AdapterList,
-        weights: Weights = None,
-        combine_strategy: CombineStrategy = "linear",
-        normalize_weights: bool = True,
-        overwrite_ok: bool = False,
-        set_active: bool = False,
-        svd_rank: Optional[int] = None,
-        *,
-        svd_tol: Optional[float] = None,
-        density: Optional[float] = None,
-        majority_sign_method: Optional[SignMethod] = None,
-        gamma: Optional[float] = None,
-        seed: Optional[int] = None,
-    ) -> MergeReport:
-        """`adapter_merging.average_adapter` on this model (every parameter is documented there)."""
-
-
-    def average_head(
-        self,
-        head_name: str,
-        head_list: AdapterList,
-        weights: Weights = None,
-        normalize_weights: bool = True,
-        overwrite_ok: bool = False,
-        set_active: bool = False,
-    ) -> MergeReport:
-        """`adapter_merging.average_head` on this model."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
-
-    def __getattr__(self, name: str) -> Any: ...
-
-
 def _method_doc(function) -> str:
     """The function's docstring for the method of the same name: ``help(model.average_adapter)`` lists
     every parameter, written once (without ``model``, which is the method's ``self``)."""
@@ -364,7 +334,7 @@ ModelMixin.average_head.__doc__ = _method_doc(average_head)
 _MIXED_CLASSES: Dict[type, type] = {}
 
 
-def init(model: torch.nn.Module) -> MergeableModel:
+def init(model: torch.nn.Module) -> ModelMixin:
     """Give ``model`` the `ModelMixin` (idempotent) and return it.
 
     :param model: an ``adapters`` model (``adapters.init(model)`` or ``AutoAdapterModel``); its

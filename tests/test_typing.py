@@ -15,7 +15,6 @@ import pytest
 
 import adapter_merging
 from adapter_merging import STRATEGIES, ModelMixin, average_adapter
-from adapter_merging.model_mixin import MergeableModel
 from adapter_merging.ops.task_vectors import SIGN_METHODS
 from adapter_merging.strategies import CombineStrategy, SignMethod
 
@@ -24,7 +23,6 @@ OPTIONS = sorted({option for strategy in STRATEGIES.values() for option in strat
 FUNCTIONS = {
     "adapter_merging.average_adapter": average_adapter,
     "ModelMixin.average_adapter": ModelMixin.average_adapter,
-    "MergeableModel.average_adapter": MergeableModel.average_adapter,
 }
 
 
