@@ -14,9 +14,16 @@ interfere; only the merge call is timed. Afterwards, and not timed, each side co
 adapter's effective update (its own scaling × B·A) with the exact target Σ λᵢ sᵢ Bᵢ Aᵢ formed
 densely in float64, module by module.
 
-    python benchmarks/bench_lora_svd.py                    # all sides, writes results/bench_lora_svd.json
-    python benchmarks/bench_lora_svd.py --quick            # small shapes, a smoke test
+    python benchmarks/bench_lora_svd.py --threads 1        # → results/bench_lora_svd.json
+    python benchmarks/bench_lora_svd.py                    # → results/bench_lora_svd_default_threads.json
+    python benchmarks/bench_lora_svd.py --quick            # small shapes, a smoke test → results/*.tmp
     python benchmarks/bench_lora_svd.py --sides ours,adapters --timeout 900
+
+The two committed results files hold only the reference run (the default setup, every library,
+with ``--threads 1`` or torch's default threads respectively). Any other run — ``--quick``, other
+shapes, ranks, weights, a subset of ``--sides``, another thread count — writes to an ignored
+``results/*.tmp`` file unless ``--output`` names another file, and is refused if ``--output``
+names a committed results file.
 """
 from __future__ import annotations
 
@@ -35,7 +42,9 @@ import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "bench_lora_svd.json"
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+#: the committed results: torch threads of the reference run → its file
+COMMITTED = {1: RESULTS_DIR / "bench_lora_svd.json", None: RESULTS_DIR / "bench_lora_svd_default_threads.json"}
 NAMES = ["lora_1", "lora_2", "lora_3"]
 SIDES = ("ours", "adapters", "peft")
 MODULES = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
@@ -309,10 +318,24 @@ def run_side(side: str, args) -> dict:
     return result
 
 
+def format_ratio(ratio: float) -> str:
+    """A time ratio with two significant digits below 10 and whole numbers above, and a ×:
+    0.42 → '0.42×', 3.14 → '3.1×', 31.4 → '31×', 318.2 → '318×' (never '0×' for a ratio below 1)."""
+    if not math.isfinite(ratio):
+        return "n/a" if math.isnan(ratio) else "inf×"
+    if ratio <= 0:
+        return f"{ratio:g}×"
+    decimals = max(0, 1 - math.floor(math.log10(ratio)))
+    text = f"{ratio:.{decimals}f}"
+    if decimals and float(text) >= 10:  # 9.96 rounds up to 10.0: one digit fewer
+        text = f"{ratio:.{decimals - 1}f}"
+    return text + "×"
+
+
 def table(results: dict) -> str:
     ours = results.get("ours", {})
     rows = [
-        ("library", "merge time (s)", "× ours", "peak extra RSS (MB)", "max rel. error", "overall rel. error",
+        ("library", "merge time (s)", "time / ours", "peak extra RSS (MB)", "max rel. error", "overall rel. error",
          "r / alpha")
     ]
     labels = {
@@ -324,7 +347,7 @@ def table(results: dict) -> str:
             continue
         ratio = result["seconds"] / ours["seconds"] if ours.get("status") == "ok" else float("nan")
         rows.append((
-            labels[side], f"{result['seconds']:.3f}", f"{ratio:.0f}" if side != "ours" else "1",
+            labels[side], f"{result['seconds']:.3f}", format_ratio(ratio) if side != "ours" else "1×",
             f"{result['peak_extra_rss_mb']:.0f}", f"{result['max_relative_error']:.2e}",
             f"{result['overall_relative_error']:.2e}", f"{result['merged_r']} / {result['merged_alpha']}",
         ))
@@ -334,28 +357,74 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
+#: the reference setup; only a run of exactly this setup may write a committed results file
+REFERENCE = {"quick": False, "hidden": 2048, "intermediate": 5632, "layers": 2, "rank": 16, "alpha": 16,
+             "svd_rank": 48, "weights": [1.0, -1.0, 1.0], "repeat": 5}
+QUICK_SHAPES = {"hidden": 256, "intermediate": 704}
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--sides", default=",".join(SIDES), help="comma-separated subset of ours,adapters,peft")
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--intermediate", type=int, default=5632)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--alpha", type=int, default=16)
-    parser.add_argument("--svd-rank", type=int, default=48)
-    parser.add_argument("--weights", type=lambda s: [float(x) for x in s.split(",")], default=[1.0, -1.0, 1.0])
+    parser.add_argument("--hidden", type=int, default=REFERENCE["hidden"])
+    parser.add_argument("--intermediate", type=int, default=REFERENCE["intermediate"])
+    parser.add_argument("--layers", type=int, default=REFERENCE["layers"])
+    parser.add_argument("--rank", type=int, default=REFERENCE["rank"])
+    parser.add_argument("--alpha", type=int, default=REFERENCE["alpha"])
+    parser.add_argument("--svd-rank", type=int, default=REFERENCE["svd_rank"])
+    parser.add_argument("--weights", type=lambda s: [float(x) for x in s.split(",")], default=REFERENCE["weights"])
     parser.add_argument("--timeout", type=int, default=900, help="seconds per side")
-    parser.add_argument("--repeat", type=int, default=5, help="runs of our merge (the median is reported)")
+    parser.add_argument("--repeat", type=int, default=REFERENCE["repeat"],
+                        help="runs of our merge (the median is reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in every side (default: torch's)")
-    parser.add_argument("--quick", action="store_true", help="hidden 256, intermediate 704: a smoke test")
-    parser.add_argument("--output", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
+    parser.add_argument("--quick", action="store_true",
+                        help="hidden 256, intermediate 704: a smoke test; writes an ignored results/*.tmp file")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="results file (default: the committed file of a reference run, else results/*.tmp)")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
     if args.quick:
-        args.hidden, args.intermediate = 256, 704
+        args.hidden, args.intermediate = QUICK_SHAPES["hidden"], QUICK_SHAPES["intermediate"]
+    return args
+
+
+def is_reference_run(args: argparse.Namespace) -> bool:
+    """The reference setup (every library, default shapes, ranks, weights and repeats) with 1 or
+    torch's default threads: the only runs the committed results files hold."""
+    sides = sorted(s for s in args.sides.split(",") if s)
+    setup = {key: getattr(args, key) for key in REFERENCE}
+    return setup == REFERENCE and sides == sorted(SIDES) and args.threads in COMMITTED
+
+
+def output_path(args: argparse.Namespace) -> Path:
+    """Where the driver writes its results. A reference run: its committed file (or ``--output``).
+    Any other run: ``--output``, by default an ignored ``results/bench_lora_svd[_quick].json.tmp``;
+    it may not name a committed file (SystemExit)."""
+    committed = {path.resolve() for path in COMMITTED.values()}
+    if args.output is None:
+        if is_reference_run(args):
+            return COMMITTED[args.threads]
+        return RESULTS_DIR / ("bench_lora_svd_quick.json.tmp" if args.quick else "bench_lora_svd_other.json.tmp")
+    target = args.output.resolve()
+    if target in committed and not (is_reference_run(args) and target == COMMITTED[args.threads].resolve()):
+        raise SystemExit(
+            f"refusing to write {args.output}: the committed results files hold only the reference run "
+            "(default setup, every library; bench_lora_svd.json with --threads 1, "
+            "bench_lora_svd_default_threads.json with torch's default threads). Pass another --output."
+        )
+    return args.output
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     if args.side:
         side_main(args)
         return
+    output = output_path(args)  # before the minutes of work: a refused --output fails at once
     sides = [s for s in args.sides.split(",") if s]
     info = machine_info()
     setup = {
@@ -385,13 +454,14 @@ def main(argv=None) -> None:
         if results.get(side, {}).get("status") == "ok" and ours.get("status") == "ok":
             summary[f"speedup_vs_{side}"] = results[side]["seconds"] / ours["seconds"]
     if summary:
-        print("\n" + ", ".join(f"{k}: {v:.0f}×" for k, v in summary.items()))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(
+        print("\n" + ", ".join(f"{k}: {format_ratio(v)}" for k, v in summary.items()))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(
         json.dumps({"machine": info, "setup": setup, "results": results, "summary": summary, "table": text},
                    indent=2, ensure_ascii=False) + "\n"
     )
-    print(f"\nwrote {args.output.relative_to(ROOT) if args.output.is_relative_to(ROOT) else args.output}")
+    resolved = output.resolve()
+    print(f"\nwrote {resolved.relative_to(ROOT) if resolved.is_relative_to(ROOT) else output}")
 
 
 if __name__ == "__main__":
