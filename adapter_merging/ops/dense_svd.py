@@ -37,12 +37,12 @@ def randomized_svd(
 
     This is the algorithm of ``torch.svd_lowrank`` (which re-orthonormalises the same way; measured
     side by side in ``benchmarks/compare_randomized_svd.py``: the same error and the same time in
-    float64). It is kept because its sketch comes from ``generator``: ``torch.svd_lowrank`` draws
-    from the global RNG of the tensor's device, so a seeded call needs ``fork_rng`` around a
-    re-seeded global RNG, which other threads share (measured: repeated calls stop being
-    deterministic and a concurrent thread's random stream is rewound), and whose CUDA stream differs
-    from the CPU one. Here the global RNG is never touched when a ``generator`` is given, and the
-    same seed gives the same sketch on every device.
+    float64). It is kept because its sketch comes from ``generator``. ``torch.svd_lowrank`` has no
+    generator argument and draws from the global RNG of the tensor's device, so a seeded call would
+    have to re-seed that RNG inside ``fork_rng``; but other threads share it (measured: repeated
+    calls stop being deterministic and a concurrent thread's random stream is rewound), and on CUDA
+    it is another stream than on the CPU. Here the global RNG is never touched when a ``generator``
+    is given, and one seed gives the same sketch on every device.
     """
     w = delta_w.to(torch.float64)
     d, k = w.shape

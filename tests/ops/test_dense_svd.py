@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import torch
@@ -129,6 +130,49 @@ def test_randomized_is_seeded(exact_rank_20):
     a = dense_low_rank(exact_rank_20, svd_rank=5, generator=torch.Generator().manual_seed(1))
     b = dense_low_rank(exact_rank_20, svd_rank=5, generator=torch.Generator().manual_seed(1))
     assert torch.equal(a.U, b.U) and torch.equal(a.S, b.S) and torch.equal(a.Vh, b.Vh)
+
+
+def test_randomized_different_seeds_differ_but_both_recover(exact_rank_20):
+    a = dense_low_rank(exact_rank_20, svd_rank=20, generator=torch.Generator().manual_seed(1))
+    b = dense_low_rank(exact_rank_20, svd_rank=20, generator=torch.Generator().manual_seed(2))
+    assert not torch.equal(a.U, b.U)
+    for res in (a, b):
+        assert dense_relative_error(exact_rank_20, res.U * res.S, res.Vh) < 1e-8
+
+
+def test_randomized_never_touches_the_global_rng():
+    w = _gauss(300, 200, seed=12)
+    torch.manual_seed(7)
+    state = torch.get_rng_state()
+    randomized_svd(w, 5, generator=torch.Generator().manual_seed(0))
+    dense_low_rank(w, svd_rank=5, randomized_threshold=0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_randomized_is_deterministic_while_another_thread_uses_the_global_rng():
+    """The sketch comes from the generator, so a thread drawing from the global RNG at the same time
+    (a training loop, a data loader) neither changes the result nor sees its stream disturbed. A
+    global-RNG method in ``fork_rng`` (``torch.svd_lowrank``) fails both: see
+    benchmarks/compare_randomized_svd.py."""
+    w = _gauss(300, 200, seed=13)
+    first = randomized_svd(w, 5, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(11)
+    stop, draws = threading.Event(), []
+
+    def other_thread():
+        while not stop.is_set() and len(draws) < 200_000:
+            draws.append(torch.randn(1))
+
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    try:
+        results = [randomized_svd(w, 5, generator=torch.Generator().manual_seed(0)) for _ in range(30)]
+    finally:
+        stop.set()
+        worker.join()
+    assert all(torch.equal(r.U, first.U) and torch.equal(r.S, first.S) for r in results)
+    torch.manual_seed(11)  # the other thread saw exactly the stream of its seed
+    assert draws and torch.equal(torch.cat(draws), torch.cat([torch.randn(1) for _ in draws]))
 
 
 def test_randomized_noisy_close_to_optimal(monkeypatch):
