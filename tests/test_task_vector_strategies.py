@@ -30,7 +30,6 @@ from adapter_merging.ops.dense_svd import dense_low_rank
 
 from conftest import randomize_adapter, tiny_adapter_model
 
-ROOT = Path(__file__).resolve().parents[1]
 TASK_VECTOR_STRATEGIES = ["ties", "dare_linear", "dare_ties", "magnitude_prune", "breadcrumbs"]
 
 # (r, alpha) of the inputs: different ranks and scalings on purpose (ΔW is what is merged)
@@ -544,17 +543,3 @@ def test_non_lora_adapters_are_refused_with_the_supported_strategies(config, fam
     assert "Strategies that support these adapters" in message and "'linear'" in message
     assert strategy not in message.split("Strategies that support")[1]
     _assert_unchanged(model, before)
-
-
-# =========================================================================== the docs page
-def _doc_blocks():
-    text = (ROOT / "docs" / "strategies_task_vectors.md").read_text(encoding="utf-8")
-    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
-
-
-def test_docs_page_code_blocks_run():
-    blocks = _doc_blocks()
-    assert len(blocks) >= 3
-    for i, code in enumerate(blocks):
-        namespace = {"__name__": f"docs_block_{i}"}
-        exec(compile(code, f"strategies_task_vectors.md[block {i}]", "exec"), namespace)
