@@ -7,6 +7,7 @@ the report says what each LoRA strategy cost against the exact target Σ λᵢ �
 """
 from __future__ import annotations
 
+import textwrap
 import warnings
 
 import torch
@@ -80,18 +81,28 @@ def main() -> None:
     print("\nAddition: both adapters merged with weights [1, 1] (normalize_weights=False)")
     for strategy in ("linear", "lora_linear_only_negate_b", "lora_delta_w_concat", "lora_delta_w_svd", "ties"):
         options = {"svd_rank": 4} if strategy == "lora_delta_w_svd" else {}
-        report = model.average_adapter(f"sum_{strategy}", ["task_a", "task_b"], weights=[1, 1],
-                                       combine_strategy=strategy, normalize_weights=False, **options)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            report = model.average_adapter(f"sum_{strategy}", ["task_a", "task_b"], weights=[1, 1],
+                                           combine_strategy=strategy, normalize_weights=False, **options)
         print(f"  {strategy:<28} {scores(f'sum_{strategy}')}   max ΔW error {report.max_error:.3f}")
+        show(caught)
 
     print("\nUnlearning task_b: weights [1, -1] (normalize_weights=False)")
     for strategy in ("linear", "lora_delta_w_concat"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # linear warns about mixed signs, as it should
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)  # linear warns with its measured error, as it should
             report = model.average_adapter(f"unlearn_{strategy}", {"task_a": 1.0, "task_b": -1.0},
                                            combine_strategy=strategy, normalize_weights=False)
         print(f"  {strategy:<28} {scores(f'unlearn_{strategy}')}   max ΔW error {report.max_error:.3f}")
         print(f"    report: {report.summary()}")
+        show(caught)
+
+
+def show(caught) -> None:
+    """Print the warnings a merge gave, indented under its line."""
+    for warning in caught:
+        print(textwrap.fill(f"warning: {warning.message}", width=110, initial_indent="    ", subsequent_indent="      "))
 
 
 if __name__ == "__main__":
