@@ -1,32 +1,107 @@
-"""The one merge engine: configurations + tensors in, configuration + tensors out.
+"""The one merge engine: inputs (configuration + tensors) in, configuration + tensors + report out.
 
-It never touches a model; the model mixin (and any file-based front end) gathers the inputs'
-tensors by `adapter_merging.state.Slot`, calls `merge_adapter_tensors`, and writes the
-result. Each configuration part is handed to the method module that owns it
-(``methods/<method>.py``), together with the slots of that method's containers.
+    merge(inputs, weights, combine_strategy, normalize_weights, svd_rank, options) -> MergeResult
+
+It does everything between gathering and writing: the weights, the strategy and its options, the
+checks of the inputs' configurations, the merge itself (each configuration part by the method
+module that owns it, ``methods/<method>.py``, applying the strategy's rule) and the finiteness
+check. It never touches a model or a file: the front ends (the model mixin, the files on disk, the
+CLI) translate their inputs to `AdapterInput` ({`Slot`: tensor} with an ``adapters``
+configuration) and write the `MergeResult` back.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from adapters import ConfigUnion
 
 from .methods import METHODS
 from .methods.base import Method, MergeContext
+from .ops import resolve_weights
 from .ops.linear import result_dtype
 from .report import MergeReport
 from .state import Slot
-from .strategies import Strategy
+from .strategies import Strategy, get_strategy
 
-#: adapters 1.3.0's first sentence for inputs that cannot be merged
-DIFFERENT_CONFIGURATIONS = "Cannot average adapters with different configurations."
 #: configuration fields that do not change what a merged tensor means
 ALWAYS_IGNORED = frozenset({"dropout", "init_weights", "init_weights_seed"})
 
-Tensors = Dict[Slot, torch.Tensor]
+Tensors = Mapping[Slot, torch.Tensor]
 
 
+@dataclass
+class AdapterInput:
+    """One input of a merge, as every front end hands it to the engine.
+
+    ``tensors`` may be lazy (a mapping that reads each tensor when it is asked for). LoRA modules whose
+    rank or scaling differs from ``config`` are listed in ``module_ranks`` / ``module_scalings`` (by
+    slot prefix). ``selects_modules``: the input's format chooses its modules itself (PEFT's
+    ``target_modules``), so a module it lacks is a zero update; otherwise a lacking module is an error."""
+
+    name: str
+    config: Any
+    tensors: Tensors
+    module_ranks: Mapping[str, int] = field(default_factory=dict)
+    module_scalings: Mapping[str, float] = field(default_factory=dict)
+    selects_modules: bool = False
+
+
+@dataclass
+class MergeResult:
+    """What the engine returns: the merged configuration, its tensors by slot, the report, and the
+    (rank, scaling) of the LoRA modules where they differ from the configuration."""
+
+    config: Any
+    tensors: Dict[Slot, torch.Tensor]
+    report: MergeReport
+    module_overrides: Dict[str, Tuple[int, float]] = field(default_factory=dict)
+
+
+def merge(
+    inputs: Sequence[AdapterInput],
+    weights: Any = None,
+    combine_strategy: str = "linear",
+    normalize_weights: bool = True,
+    svd_rank: Optional[int] = None,
+    options: Optional[Mapping[str, Any]] = None,
+    *,
+    name: str = "merged",
+    kind: str = "adapter",
+) -> MergeResult:
+    """Merge ``inputs`` into one adapter (or head, ``kind="head"``) called ``name``.
+
+    ``weights`` as in ``average_adapter``: None (1/N), one per input, or a dict by input name;
+    ``options`` are the strategy's options (``svd_tol``, ``density``, …). Raises ValueError/TypeError
+    naming the problem and the fix; nothing is changed anywhere, so a failure needs no undo."""
+    names = [item.name for item in inputs]
+    resolved = resolve_weights(names, weights, normalize_weights, kind=kind)
+    strategy = get_strategy(combine_strategy)
+    report = MergeReport(name, strategy.name, dict(resolved), kind=kind)
+    parsed = strategy.parse_options(svd_rank, dict(options or {}), report.notes)
+    configs = [item.config for item in inputs]
+    parts = check_configs(names, configs, strategy)
+    tensors = complete_modules(inputs, parts[0])
+    tensors = promote_dtypes(names, tensors, report)
+    slots = set().union(*(set(tensors[n]) for n in names))  # methods may store a unit differently per input
+    owners = _assign_slots(parts[0], slots)
+    generator = torch.Generator().manual_seed(parsed["seed"]) if "seed" in parsed else None
+    ctx = MergeContext(
+        names, [w for _, w in resolved], tensors, strategy, parsed, report, generator,
+        module_ranks={i.name: dict(i.module_ranks) for i in inputs},
+        module_scalings={i.name: dict(i.module_scalings) for i in inputs},
+    )
+    new_parts, merged = [], {}
+    for j, part in enumerate(parts[0]):
+        new_part, out = method_for(part).merge(ctx, [p[j] for p in parts], owners.get(j, []))
+        new_parts.append(new_part)
+        merged.update(out)
+    check_finite(name, names, tensors, merged, kind)
+    return MergeResult(union_like(configs[0], new_parts), merged, report, dict(ctx.merged_modules))
+
+
+# ----------------------------------------------------------------------------- configurations
 def config_parts(config) -> Tuple[Any, ...]:
     """The single-method configurations of ``config`` (the members of a ConfigUnion)."""
     return tuple(config.configs) if isinstance(config, ConfigUnion) else (config,)
@@ -42,7 +117,7 @@ def method_for(config) -> Method:
 def config_differences(first, other, ignored) -> List[Tuple[str, Any, Any]]:
     """[(field, value in first, value in other)] of the fields that differ, ignoring ``ignored``."""
     a, b = first.to_dict(), other.to_dict()
-    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k not in ignored and a.get(k) != b.get(k)]
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b), key=str) if k not in ignored and a.get(k) != b.get(k)]
 
 
 def check_configs(names: Sequence[str], configs: Sequence[Any], strategy: Strategy) -> List[Tuple[Any, ...]]:
@@ -53,10 +128,10 @@ def check_configs(names: Sequence[str], configs: Sequence[Any], strategy: Strate
     for name, config, own in zip(names[1:], configs[1:], parts[1:]):
         if len(own) != len(parts[0]) or any(type(x) is not type(y) for x, y in zip(own, parts[0])):
             raise ValueError(
-                f"{DIFFERENT_CONFIGURATIONS} '{names[0]}' ({_describe(configs[0])}) and '{name}' ({_describe(config)}) "
-                "are adapters of different methods or configuration types, which cannot be merged. Merge only "
-                "adapters of one method (and one configuration), e.g. average the LoRA adapters and the bottleneck "
-                "adapters separately."
+                f"Cannot average adapters with different configurations. '{names[0]}' ({_describe(configs[0])}) and "
+                f"'{name}' ({_describe(config)}) are adapters of different methods or configuration types, which "
+                "cannot be merged. Merge only adapters of one method (and one configuration), e.g. average the LoRA "
+                "adapters and the bottleneck adapters separately."
             )
     if isinstance(configs[0], ConfigUnion) and strategy.name != "linear":
         raise ValueError(
@@ -70,52 +145,12 @@ def check_configs(names: Sequence[str], configs: Sequence[Any], strategy: Strate
         for name, own in zip(names[1:], parts[1:]):
             diffs = config_differences(part, own[j], ignored)
             if diffs:
-                field, mine, theirs = diffs[0]
+                field_name, mine, theirs = diffs[0]
                 others = f" (and {', '.join(d[0] for d in diffs[1:])})" if len(diffs) > 1 else ""
-                hint = ""
-                if method.families_of(part) == {"lora"} and field in ("r", "alpha"):
-                    hint = (
-                        f" combine_strategy='{strategy.name}' combines the factors A and B entry by entry, so their "
-                        "shapes (r) and scalings (alpha) must match; LoRA adapters of different r or alpha can be "
-                        "merged with 'lora_delta_w_svd' or 'lora_delta_w_concat'."
-                    )
-                raise ValueError(
-                    f"{DIFFERENT_CONFIGURATIONS} '{names[0]}' has {field}={mine!r} "
-                    f"but '{name}' has {field}={theirs!r}{others}. Merge adapters of one configuration.{hint}"
-                )
+                raise ValueError(method.difference(names[0], name, part, own[j], field_name, mine, theirs, others, strategy))
         families |= method.families_of(part)
     strategy.check_families(families)
     return parts
-
-
-def merge_adapter_tensors(
-    names: Sequence[str],
-    weights: Sequence[float],
-    configs: Sequence[Any],
-    tensors: Mapping[str, Tensors],
-    strategy: Strategy,
-    options: Mapping[str, Any],
-    report: MergeReport | None = None,
-) -> Tuple[Any, Tensors]:
-    """Merge adapters given as configurations and {slot: tensor}; returns (config, {slot: tensor})."""
-    parts = check_configs(names, configs, strategy)
-    report = report if report is not None else MergeReport("<merged>", strategy.name, dict(zip(names, weights)))
-    units = {name: {_unit(parts[0], s): s for s in tensors[name]} for name in names}
-    for name in names[1:]:
-        if units[name].keys() != units[names[0]].keys():
-            _refuse_incomplete(names[0], name, units[names[0]], units[name])
-    tensors = promote_dtypes(names, tensors, report)
-    slots = set().union(*(set(tensors[name]) for name in names))  # methods may store a unit differently per input
-    owners = _assign_slots(parts[0], slots)
-    generator = torch.Generator().manual_seed(options["seed"]) if "seed" in options else None
-    ctx = MergeContext(list(names), list(weights), dict(tensors), strategy, dict(options), report, generator)
-    new_parts, merged = [], {}
-    for j, part in enumerate(parts[0]):
-        method = method_for(part)
-        new_part, out = method.merge(ctx, [p[j] for p in parts], owners.get(j, []))
-        new_parts.append(new_part)
-        merged.update(out)
-    return union_like(configs[0], new_parts), merged
 
 
 def union_like(config, parts: Sequence[Any]):
@@ -128,29 +163,58 @@ def union_like(config, parts: Sequence[Any]):
     return union
 
 
-def promote_dtypes(names: Sequence[str], tensors: Mapping[str, Tensors], report: MergeReport) -> Dict[str, Tensors]:
-    """Inputs of different floating dtypes are merged and stored in the widest (``result_dtype``),
-    whatever their order, and the report says so; inputs of one dtype are passed through as they are."""
-    dtypes = {name: sorted({str(t.dtype) for t in tensors[name].values() if t.is_floating_point()}) for name in names}
-    found = {d for ds in dtypes.values() for d in ds}
-    floating = [t.dtype for name in names for t in tensors[name].values() if t.is_floating_point()]
-    if not floating:
-        return dict(tensors)
-    widest = result_dtype(floating)
-    report.dtype = str(widest).replace("torch.", "")
-    if len(found) <= 1:
-        return dict(tensors)
-    listing = ", ".join(f"'{n}': {'/'.join(d.replace('torch.', '') for d in dtypes[n])}" for n in names)
-    report.notes.append(f"The inputs have different dtypes ({listing}); merged and stored in {report.dtype}, the widest.")
-    return {
-        name: {s: t.to(widest) if t.is_floating_point() else t for s, t in tensors[name].items()} for name in names
-    }
+def _describe(config) -> str:
+    return " + ".join(type(p).__name__ for p in config_parts(config))
+
+
+# ----------------------------------------------------------------------------- tensors
+def complete_modules(inputs: Sequence[AdapterInput], parts: Sequence[Any]) -> Dict[str, Tensors]:
+    """{name: tensors} with every input holding the same units (`Method.unit_of`). An input that lacks
+    one is an error naming the tensor (a module deleted by hand?), unless every input selects its own
+    modules (``selects_modules``): then what it lacks is a zero update (`Method.absent`)."""
+    units = {i.name: {_unit(parts, s): s for s in i.tensors} for i in inputs}
+    every = {}
+    for item in inputs:
+        every.update({u: (s, item.name) for u, s in units[item.name].items() if u not in every})
+    if all(units[i.name].keys() == every.keys() for i in inputs):
+        return {i.name: i.tensors for i in inputs}
+    if not all(i.selects_modules for i in inputs):
+        first = inputs[0].name
+        other = next(i.name for i in inputs if units[i.name].keys() != units[first].keys())
+        _refuse_incomplete(first, other, units[first], units[other])
+    completed = {}
+    for item in inputs:
+        own = _WithAbsent(item.tensors)
+        for unit, (slot, holder) in every.items():
+            if unit not in units[item.name]:
+                present = next(i.tensors[slot] for i in inputs if i.name == holder)
+                part = next((p for p in config_parts(item.config) if method_for(p).owns(slot, p)), item.config)
+                own.absent[slot] = method_for(part).absent(slot, present, part)
+        completed[item.name] = own
+    return completed
+
+
+class _WithAbsent(Mapping):
+    """An input's tensors plus the zero updates of the modules it lacks (lazy inputs stay lazy)."""
+
+    def __init__(self, tensors: Tensors) -> None:
+        self.tensors, self.absent = tensors, {}
+
+    def __getitem__(self, slot: Slot) -> torch.Tensor:
+        return self.absent[slot] if slot in self.absent else self.tensors[slot]
+
+    def __iter__(self):
+        yield from self.tensors
+        yield from self.absent
+
+    def __len__(self) -> int:
+        return len(self.tensors) + len(self.absent)
 
 
 def _refuse_incomplete(first: str, other: str, mine: Mapping[Any, Slot], theirs: Mapping[Any, Slot]) -> None:
     """Two inputs of one configuration whose tensors differ: one lacks a module (deleted by hand?)."""
-    lacking, holder, present = (other, first, mine) if set(mine) - set(theirs) else (first, other, theirs)
-    missing = sorted(present[u] for u in set(present) - set(mine if lacking == first else theirs))
+    lacking, holder, present, own = (other, first, mine, theirs) if set(mine) - set(theirs) else (first, other, theirs, mine)
+    missing = sorted(present[u] for u in set(present) - set(own))
     keys = ", ".join(slot.key(lacking) for slot in missing[:3]) + (" …" if len(missing) > 3 else "")
     raise ValueError(
         f"Adapter '{lacking}' lacks {keys}, which '{holder}' has: a module was probably deleted from it by hand, "
@@ -159,9 +223,53 @@ def _refuse_incomplete(first: str, other: str, mine: Mapping[Any, Slot], theirs:
     )
 
 
+def dtype_of(tensors: Tensors, slot: Slot) -> torch.dtype:
+    """The dtype of one input tensor, without reading it where the mapping knows it (lazy inputs)."""
+    known = getattr(tensors, "dtype_of", None)
+    return known(slot) if known else tensors[slot].dtype
+
+
+def promote_dtypes(names: Sequence[str], tensors: Mapping[str, Tensors], report: MergeReport) -> Dict[str, Tensors]:
+    """Inputs of different floating dtypes are merged and stored in the widest (``result_dtype``),
+    whatever their order, and the report says so; inputs of one dtype are passed through as they are."""
+    dtypes = {name: {dtype_of(tensors[name], s) for s in tensors[name]} for name in names}
+    floating = {name: sorted({d for d in ds if d.is_floating_point}, key=str) for name, ds in dtypes.items()}
+    found = sorted({d for ds in floating.values() for d in ds}, key=str)
+    if not found:
+        return dict(tensors)
+    widest = result_dtype(found)
+    report.dtype = str(widest).replace("torch.", "")
+    if len(found) == 1:
+        return dict(tensors)
+    listing = ", ".join(f"'{n}': {'/'.join(str(d).replace('torch.', '') for d in floating[n])}" for n in names)
+    report.notes.append(f"The inputs have different dtypes ({listing}); merged and stored in {report.dtype}, the widest.")
+    return {name: _Cast(tensors[name], widest) for name in names}
+
+
+class _Cast(Mapping):
+    """An input's tensors, floating ones cast to ``dtype`` when read."""
+
+    def __init__(self, tensors: Tensors, dtype: torch.dtype) -> None:
+        self.tensors, self.dtype = tensors, dtype
+
+    def __getitem__(self, slot: Slot) -> torch.Tensor:
+        tensor = self.tensors[slot]
+        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def dtype_of(self, slot: Slot) -> torch.dtype:
+        own = dtype_of(self.tensors, slot)
+        return self.dtype if own.is_floating_point else own
+
+
 def check_finite(new_name: str, names: Sequence[str], inputs: Mapping[str, Tensors], merged: Tensors, kind: str) -> None:
     """Refuse a merge whose result holds NaN or ±inf: name the input that has them, or else the
-    merged tensor that overflowed its dtype. Runs before anything is written to the model."""
+    merged tensor that overflowed its dtype. Runs before anything is written."""
     if not merged or bool(torch.isfinite(torch.stack([t.sum().float().cpu() for t in merged.values()])).all()):
         return  # fast path: NaN and ±inf propagate into a sum (a finite sum means finite entries)
     bad = next((slot for slot in sorted(merged) if not bool(torch.isfinite(merged[slot]).all())), None)
@@ -181,30 +289,24 @@ def check_finite(new_name: str, names: Sequence[str], inputs: Mapping[str, Tenso
 
 
 def _assign_slots(parts: Sequence[Any], slots) -> Dict[int, List[Slot]]:
-    """Which configuration part (method) merges each slot."""
+    """Which configuration part (method) merges each slot (`Method.owns`)."""
     owners: Dict[int, List[Slot]] = {}
     for slot in sorted(slots):
-        candidates = [j for j, p in enumerate(parts) if slot.container in method_for(p).containers]
-        if slot.container == "shared_parameters":
-            candidates = [j for j in candidates if method_for(parts[j]).claims_shared(parts[j])]
-        if not candidates:
+        owner = next((j for j, p in enumerate(parts) if method_for(p).owns(slot, p)), None)
+        if owner is None:
             raise ValueError(
                 f"adapter_merging does not know which method owns '{slot.key('<name>')}'; "
                 "please report this with your adapter configuration."
             )
-        owners.setdefault(candidates[0], []).append(slot)
+        owners.setdefault(owner, []).append(slot)
     return owners
 
 
 def _unit(parts: Sequence[Any], slot: Slot):
-    """What must match across the inputs for ``slot``: the slot itself, or the method's unit of it (a
+    """What must match across the inputs for ``slot``: the slot itself, or its method's unit of it (a
     prefix-tuning location, stored flat by one input and reparameterised by another)."""
     for part in parts:
         method = method_for(part)
-        if slot.container in method.containers and hasattr(method, "unit_of"):
+        if method.owns(slot, part) or slot.container in method.containers:
             return method.unit_of(slot)
     return slot
-
-
-def _describe(config) -> str:
-    return " + ".join(type(p).__name__ for p in config_parts(config))

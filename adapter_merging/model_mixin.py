@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, 
 
 import torch
 
-from .engine import check_finite, merge_adapter_tensors
-from .ops import combine_state_dicts, resolve_weights
-from .ops.weights import check_flag
+from .engine import AdapterInput, merge
+from .methods.heads import HeadConfig
+from .ops.weights import check_flag, split_names_and_weights
 from .report import MergeReport
 from .rollback import rollback_on_error
 from .state import HEAD_CONTAINERS, Slot, adapter_tensors, model_tensors
-from .strategies import CombineStrategy, SignMethod, get_strategy
+from .strategies import CombineStrategy, SignMethod
 
 logger = logging.getLogger("adapter_merging")
 
@@ -77,10 +77,8 @@ def average_adapter(
     """
     _check_adapter_model(model)
     _check_new_name(adapter_name, "adapter")
-    check_flag("overwrite_ok", overwrite_ok)
-    check_flag("set_active", set_active)
-    inputs = resolve_weights(adapter_list, weights, normalize_weights, kind="adapter")
-    names = [name for name, _ in inputs]
+    _check_flags(overwrite_ok=overwrite_ok, set_active=set_active, normalize_weights=normalize_weights)
+    names, weights = split_names_and_weights(adapter_list, weights, kind="adapter")
     unknown = [n for n in names if n not in model.adapters_config]
     if unknown:
         available = sorted(model.adapters_config.adapters)
@@ -92,29 +90,26 @@ def average_adapter(
                 "or choose another name."
             )
         _check_not_merged_into_base(model, adapter_name)
-    strategy = get_strategy(combine_strategy)
-    given = dict(svd_tol=svd_tol, density=density, majority_sign_method=majority_sign_method, gamma=gamma, seed=seed)
-    options = strategy.parse_options(svd_rank, {k: v for k, v in given.items() if v is not None})
-    configs = [model.adapters_config.get(n) for n in names]
     named = model_tensors(model)
-    tensors = {n: _input_tensors(adapter_tensors(named, n), n, "adapter") for n in names}
-    report = MergeReport(adapter_name, combine_strategy, dict(inputs))
-    if svd_rank is not None and "svd_rank" not in strategy.option_names:
-        report.notes.append(f"svd_rank={svd_rank} was ignored: combine_strategy='{combine_strategy}' has no rank.")
-    new_config, merged = merge_adapter_tensors(
-        names, [w for _, w in inputs], configs, tensors, strategy, options, report
+    inputs = [
+        AdapterInput(n, model.adapters_config.get(n), _input_tensors(adapter_tensors(named, n), n, "adapter"))
+        for n in names
+    ]
+    options = dict(svd_tol=svd_tol, density=density, majority_sign_method=majority_sign_method, gamma=gamma, seed=seed)
+    result = merge(
+        inputs, weights, combine_strategy, normalize_weights, svd_rank,
+        {k: v for k, v in options.items() if v is not None}, name=adapter_name,
     )
-    check_finite(adapter_name, names, tensors, merged, "adapter")
     with rollback_on_error(model):
         if adapter_name in model.adapters_config:
             model.delete_adapter(adapter_name)
         with torch.random.fork_rng(devices=[]):  # initialising the new modules must not move the caller's RNG
-            model.add_adapter(adapter_name, config=new_config)
-        _write(model, adapter_name, merged, names, "adapter")
+            model.add_adapter(adapter_name, config=result.config)
+        _write(model, adapter_name, result.tensors, names, "adapter")
         if set_active:
             model.set_active_adapters(adapter_name)
-    logger.info("Merged adapter %s", report.summary())
-    return report
+    logger.info("Merged adapter %s", result.report.summary())
+    return result.report
 
 
 def average_head(
@@ -147,10 +142,8 @@ def average_head(
             "e.g. one created by adapters.AutoAdapterModel."
         )
     _check_new_name(head_name, "head")
-    check_flag("overwrite_ok", overwrite_ok)
-    check_flag("set_active", set_active)
-    inputs = resolve_weights(head_list, weights, normalize_weights, kind="head")
-    names = [name for name, _ in inputs]
+    _check_flags(overwrite_ok=overwrite_ok, set_active=set_active, normalize_weights=normalize_weights)
+    names, weights = split_names_and_weights(head_list, weights, kind="head")
     unknown = [n for n in names if n not in model.heads]
     if unknown:
         raise ValueError(f"Unknown head(s) {unknown}. The model has: {sorted(model.heads.keys())}.")
@@ -158,35 +151,25 @@ def average_head(
         raise ValueError(
             f"A head named '{head_name}' already exists. Pass overwrite_ok=True to replace it, or choose another name."
         )
-    first = model.heads[names[0]]
-    for name in names[1:]:
-        head = model.heads[name]
-        if type(head) is not type(first):
-            raise ValueError(
-                f"Cannot average heads of different classes: '{names[0]}' is a {type(first).__name__}, "
-                f"'{name}' is a {type(head).__name__}."
-            )
-        diffs = _dict_differences(first.config, head.config, ignored={"dropout_prob"})
-        if diffs:
-            field, mine, theirs = diffs[0]
-            raise ValueError(
-                f"Cannot average heads with different configurations: '{names[0]}' has {field}={mine!r} but "
-                f"'{name}' has {field}={theirs!r}. Heads must predict the same labels with the same layout."
-            )
     named = model_tensors(model)
-    tensors = [_input_tensors(adapter_tensors(named, n, containers=HEAD_CONTAINERS), n, "head") for n in names]
-    merged = combine_state_dicts(tensors, [w for _, w in inputs])
-    check_finite(head_name, names, dict(zip(names, tensors)), merged, "head")
-    report = MergeReport(head_name, "linear", dict(inputs), target="Σ λᵢ Φᵢ over the head's parameters", kind="head")
+    inputs = [
+        AdapterInput(
+            n,
+            HeadConfig(type(model.heads[n]).__name__, dict(model.heads[n].config)),
+            _input_tensors(adapter_tensors(named, n, containers=HEAD_CONTAINERS), n, "head"),
+        )
+        for n in names
+    ]
+    result = merge(inputs, weights, "linear", normalize_weights, name=head_name, kind="head")
     with rollback_on_error(model):
         if head_name in model.heads:
             model.delete_head(head_name)
-        new_head = copy.deepcopy(first)
+        new_head = copy.deepcopy(model.heads[names[0]])
         new_head.name = head_name
         model.add_prediction_head(new_head, overwrite_ok=True, set_active=set_active)
-        _write(model, head_name, merged, names, "head")
-    logger.info("Merged head %s", report.summary())
-    return report
+        _write(model, head_name, result.tensors, names, "head")
+    logger.info("Merged head %s", result.report.summary())
+    return result.report
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -204,6 +187,11 @@ def _check_adapter_model(model) -> None:
             f"{type(model).__name__} is not set up for adapters: call adapters.init(model) first, "
             "or create it with adapters.AutoAdapterModel."
         )
+
+
+def _check_flags(**flags: Any) -> None:
+    for name, value in flags.items():
+        check_flag(name, value)
 
 
 def _check_new_name(name, kind: str) -> None:
@@ -232,10 +220,6 @@ def _input_tensors(tensors: Dict[Slot, torch.Tensor], name: str, kind: str) -> D
                 f"to merge. Load its weights first (e.g. model.load_adapter(...) or load_state_dict)."
             )
     return {slot: t.detach() for slot, t in tensors.items()}
-
-
-def _dict_differences(a: Mapping, b: Mapping, ignored) -> List[tuple]:
-    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b), key=str) if k not in ignored and a.get(k) != b.get(k)]
 
 
 def _write(model, name: str, merged: Dict[Slot, torch.Tensor], inputs: Sequence[str], kind: str) -> None:

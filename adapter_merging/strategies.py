@@ -1,16 +1,31 @@
-"""The strategy registry: every ``combine_strategy`` is declared once, here.
+"""The strategy registry: every ``combine_strategy`` is declared once, here, with its implementation.
 
-A declaration gives the strategy's name, the adapter families that accept it, and its options
-(defaults and validation). The model mixin, the method modules and the docs all read it.
+A declaration gives the strategy's name, the adapter families that accept it, its options
+(defaults and validation) and its `rules.Rule`, the implementation. A strategy without a rule, or a
+rule reading an option the strategy does not declare, cannot be registered. The engine, the method
+modules, the front ends and the docs all read this one declaration.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import Any, Callable, Dict, Literal, Mapping, Optional, Tuple
 
 from ._warnings import warn
+from .ops.task_vectors import check_density, check_gamma, check_sign_method
+from .rules import (
+    DROP_AND_RESCALE,
+    KEEP_BAND,
+    KEEP_LARGEST,
+    SIGN_ELECTION,
+    SUM,
+    Concat,
+    DeltaWRule,
+    ExactSVD,
+    ParameterRule,
+    Rule,
+    TaskVectors,
+)
 
 #: the names of the registered strategies, for type checkers and IDEs (a test keeps it equal to the registry)
 CombineStrategy = Literal[
@@ -39,6 +54,7 @@ FAMILY_DESCRIPTIONS: Dict[str, str] = {
     "vera": "VeRA",
     "dora": "DoRA",
     "mtl_lora": "MTL-LoRA",
+    "head": "prediction heads",
 }
 ALL_FAMILIES = frozenset(FAMILY_DESCRIPTIONS)
 
@@ -55,24 +71,41 @@ class Option:
 
 @dataclass(frozen=True)
 class Strategy:
+    """One ``combine_strategy``: its name, the adapter families that accept it, its options and its
+    implementation ``rule``."""
+
     name: str
     families: frozenset
     doc: str
+    rule: Rule
     options: Tuple[Option, ...] = ()
-    #: whether the strategy changes what is merged from parameters to the update ΔW = s·B·A
-    merges_delta_w: bool = False
-    #: whether the merged adapter is exact by construction (no truncation)
-    exact: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rule, (ParameterRule, DeltaWRule)):
+            raise TypeError(f"Strategy '{self.name}' needs a rule (a ParameterRule or a DeltaWRule), got {self.rule!r}.")
+        undeclared = sorted(set(self.rule.option_names) - set(self.option_names))
+        if undeclared:
+            raise TypeError(f"Strategy '{self.name}': its rule reads the undeclared option(s) {undeclared}.")
 
     @property
     def option_names(self) -> Tuple[str, ...]:
         return tuple(o.name for o in self.options)
 
-    def parse_options(self, svd_rank: Optional[int], options: Mapping[str, Any]) -> Dict[str, Any]:
+    @property
+    def merges_delta_w(self) -> bool:
+        """Whether the strategy merges the updates ΔW = s·B·A (so ranks and alphas may differ)."""
+        return isinstance(self.rule, DeltaWRule)
+
+    @property
+    def exact(self) -> bool:
+        """Whether the merged adapter is exactly Σ λᵢ ΔWᵢ by construction (no truncation)."""
+        return isinstance(self.rule, Concat)
+
+    def parse_options(self, svd_rank: Optional[int], options: Mapping[str, Any], notes: Optional[list] = None) -> Dict[str, Any]:
         """Validate ``svd_rank`` and the strategy options against this declaration, fill defaults.
 
-        ``svd_rank`` with a strategy that has no rank is ignored with a warning, as ``adapters`` does;
-        any other option the strategy does not have is an error."""
+        ``svd_rank`` with a strategy that has no rank is ignored with a warning (and a note), as
+        ``adapters`` does; any other option the strategy does not have is an error."""
         given = dict(options)
         if svd_rank is not None:
             if "svd_rank" in self.option_names:
@@ -82,13 +115,21 @@ class Strategy:
                     f"svd_rank={svd_rank!r} has no effect with combine_strategy='{self.name}' and is ignored. "
                     f"Remove it, or use one of {strategies_with_option('svd_rank')}."
                 )
+                if notes is not None:
+                    notes.append(f"svd_rank={svd_rank} was ignored: combine_strategy='{self.name}' has no rank.")
         unknown = sorted(set(given) - set(self.option_names))
         if unknown:
             valid = ", ".join(self.option_names) or "none"
             raise TypeError(
                 f"Unknown option(s) {unknown} for combine_strategy='{self.name}'. Its options are: {valid}."
             )
-        return {o.name: o.validate(o.name, given[o.name]) if o.name in given else o.default for o in self.options}
+        parsed = {o.name: o.validate(o.name, given[o.name]) if o.name in given else o.default for o in self.options}
+        if parsed.get("svd_rank") is not None and parsed.get("svd_tol") is not None:
+            raise ValueError(
+                f"Pass either svd_rank (a fixed rank) or svd_tol (the smallest rank whose relative error is at most "
+                f"svd_tol), not both: got svd_rank={parsed['svd_rank']}, svd_tol={parsed['svd_tol']}."
+            )
+        return parsed
 
     def check_families(self, families) -> None:
         refused = sorted(set(families) - self.families)
@@ -125,33 +166,11 @@ def _optional_positive_int(name: str, value: Any) -> Optional[int]:
 def _optional_fraction(name: str, value: Any) -> Optional[float]:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a number in (0, 1) or None, got {value!r}.")
-    if not 0 < value < 1:
+    if not 0 < value < 1:  # NaN fails this too
         raise ValueError(f"{name} must lie in (0, 1) (a relative Frobenius error), got {value}.")
     return float(value)
-
-
-def _density(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-        raise TypeError(f"{name} must be a number in (0, 1], got {value!r}.")
-    if not 0 < value <= 1:
-        raise ValueError(f"{name} is the fraction of entries kept and must lie in (0, 1], got {value}.")
-    return float(value)
-
-
-def _gamma(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-        raise TypeError(f"{name} must be a number in [0, 1), got {value!r}.")
-    if not 0 <= value < 1:
-        raise ValueError(f"{name} is the fraction of largest magnitudes dropped and must lie in [0, 1), got {value}.")
-    return float(value)
-
-
-def _sign_method(name: str, value: Any) -> str:
-    if value not in ("total", "frequency"):
-        raise ValueError(f"{name} must be 'total' or 'frequency', got {value!r}.")
-    return value
 
 
 #: the seeds a torch.Generator accepts
@@ -170,9 +189,12 @@ SVD_RANK = Option("svd_rank", None, _optional_positive_int, "rank of the merged 
 SVD_TOL = Option(
     "svd_tol", None, _optional_fraction, "smallest rank whose relative truncation error is ≤ svd_tol"
 )
-DENSITY = Option("density", 0.2, _density, "fraction of entries of each ΔWᵢ kept")
-SIGN_METHOD = Option("majority_sign_method", "total", _sign_method, "TIES sign election: 'total' or 'frequency'")
-GAMMA = Option("gamma", 0.01, _gamma, "fraction of largest magnitudes dropped (breadcrumbs)")
+# the task-vector options are validated by the same functions the tensor operations use
+DENSITY = Option("density", 0.2, lambda name, value: check_density(value), "fraction of entries of each ΔWᵢ kept")
+SIGN_METHOD = Option(
+    "majority_sign_method", "total", lambda name, value: check_sign_method(value), "TIES sign election: 'total' or 'frequency'"
+)
+GAMMA = Option("gamma", 0.01, lambda name, value: check_gamma(value), "fraction of largest magnitudes dropped (breadcrumbs)")
 SEED = Option("seed", 0, _seed, "seed of the random drop mask (same seed, same result)")
 
 # ---------------------------------------------------------------------------- registry
@@ -209,43 +231,45 @@ register_strategy(Strategy(
     "linear", ALL_FAMILIES,
     "Φ = Σ λᵢ Φᵢ over the adapter's parameters (IA³: 1 + Σ λᵢ(lᵢ − 1)). For LoRA, A and B are "
     "combined separately, which adds cross-terms Bᵢ·Aⱼ to the update.",
+    ParameterRule(),
 ))
 register_strategy(Strategy(
     "lora_linear_only_negate_b", LORA,
     "A = Σ |λᵢ| Aᵢ, B = Σ λᵢ Bᵢ (Zhang et al. 2023).",
+    ParameterRule(absolute=frozenset({"lora_A"})),
 ))
 register_strategy(Strategy(
     "lora_delta_w_svd", LORA,
     "ΔW = Σ λᵢ sᵢ Bᵢ Aᵢ, re-factorised by an exact factored SVD truncated to svd_rank.",
-    options=_REFACTOR, merges_delta_w=True,
+    ExactSVD(), options=_REFACTOR,
 ))
 register_strategy(Strategy(
     "lora_delta_w_concat", LORA,
     "Exact: B = [λ₁s₁B₁ … λₙsₙBₙ]/s, A = [A₁; …; Aₙ], rank Σ rᵢ.",
-    merges_delta_w=True, exact=True,
+    Concat(),
 ))
 register_strategy(Strategy(
     "ties", LORA,
     "TIES on the updates ΔWᵢ: trim to `density`, elect signs, disjoint mean; then re-factorise.",
-    options=(DENSITY, SIGN_METHOD) + _REFACTOR, merges_delta_w=True,
+    TaskVectors(KEEP_LARGEST, SIGN_ELECTION), options=(DENSITY, SIGN_METHOD) + _REFACTOR,
 ))
 register_strategy(Strategy(
     "dare_linear", LORA,
     "DARE on the updates ΔWᵢ: drop entries with probability 1 − density, rescale by 1/density, sum.",
-    options=(DENSITY, SEED) + _REFACTOR, merges_delta_w=True,
+    TaskVectors(DROP_AND_RESCALE, SUM), options=(DENSITY, SEED) + _REFACTOR,
 ))
 register_strategy(Strategy(
     "dare_ties", LORA,
     "DARE drop and rescale, then TIES sign election and disjoint mean.",
-    options=(DENSITY, SIGN_METHOD, SEED) + _REFACTOR, merges_delta_w=True,
+    TaskVectors(DROP_AND_RESCALE, SIGN_ELECTION), options=(DENSITY, SIGN_METHOD, SEED) + _REFACTOR,
 ))
 register_strategy(Strategy(
     "magnitude_prune", LORA,
     "Keep the top `density` magnitudes of each ΔWᵢ, then Σ λᵢ ΔŴᵢ.",
-    options=(DENSITY,) + _REFACTOR, merges_delta_w=True,
+    TaskVectors(KEEP_LARGEST, SUM), options=(DENSITY,) + _REFACTOR,
 ))
 register_strategy(Strategy(
     "breadcrumbs", LORA,
     "Drop the top `gamma` and keep the next `density` magnitudes of each ΔWᵢ, then Σ λᵢ ΔŴᵢ.",
-    options=(DENSITY, GAMMA) + _REFACTOR, merges_delta_w=True,
+    TaskVectors(KEEP_BAND, SUM), options=(DENSITY, GAMMA) + _REFACTOR,
 ))

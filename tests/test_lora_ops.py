@@ -20,7 +20,8 @@ from adapter_merging.ops.lowrank import (
     select_rank,
     split_factors,
     stack_factors,
-    svd_difference_norm,
+    measured_error,
+    rounding_floor,
     truncation_error,
 )
 
@@ -256,18 +257,27 @@ def test_lowrank_relative_error_equals_dense(first, second):
 @given(
     factor_lists(), st.integers(1, 12), st.floats(0.1, 5), st.sampled_from([torch.float64, torch.float32, torch.bfloat16])
 )
-def test_svd_difference_norm_equals_dense(case, rank, scaling, dtype):
-    """‖s·B·A − U S Vh‖ of re-factorised (and rounded) factors against the SVD they came from."""
+def test_measured_error_of_refactorised_factors_equals_dense(case, rank, scaling, dtype):
+    """‖s·B·A − B_cat·A_cat‖/‖B_cat·A_cat‖ of re-factorised (and rounded) factors against the exact
+    target, as a dense float64 computation gives it."""
     factors, coefficients = case
-    svd = factored_svd(*stack_factors(factors, coefficients))
-    b, a = split_factors(svd, rank, scaling, dtype)
-    reference = (svd.U * svd.S) @ svd.Vh
-    dense = float(torch.linalg.matrix_norm(scaling * (b.double() @ a.double()) - reference))
-    scale = float(svd.S.sum()) or 1.0
-    assert svd_difference_norm(svd, b, a, scaling) == pytest.approx(dense, rel=1e-6, abs=1e-12 * scale)
-    # against unrelated factors too (no structure shared with the SVD)
-    generator = torch.Generator().manual_seed(rank)
-    other_b = torch.randn(b.shape, generator=generator, dtype=torch.float64)
-    other_a = torch.randn(a.shape, generator=generator, dtype=torch.float64)
-    dense = float(torch.linalg.matrix_norm(scaling * (other_b @ other_a) - reference))
-    assert svd_difference_norm(svd, other_b, other_a, scaling) == pytest.approx(dense, rel=1e-8)
+    target = stack_factors(factors, coefficients)
+    b, a = split_factors(factored_svd(*target), rank, scaling, dtype)
+    reference = target[0] @ target[1]
+    ref_norm = float(torch.linalg.matrix_norm(reference))
+    error, floor = measured_error([(b, a)], [target], scaling)
+    if ref_norm <= rounding_floor(*target):
+        return  # a target that cancels to the rounding level: no relative error to compare
+    dense = float(torch.linalg.matrix_norm(scaling * (b.double() @ a.double()) - reference)) / ref_norm
+    assert error == pytest.approx(dense, rel=1e-6, abs=1e-9)
+    assert floor < 1e-6
+
+
+def test_measured_error_proves_an_exact_concatenation():
+    generator = torch.Generator().manual_seed(0)
+    factors = [(torch.randn(6, 2, generator=generator, dtype=torch.float64),
+                torch.randn(2, 5, generator=generator, dtype=torch.float64)) for _ in range(2)]
+    b_cat, a_cat = stack_factors(factors, [2.0, -2.0])
+    assert measured_error([(b_cat / 4.0, a_cat)], [(b_cat, a_cat)], 4.0) == (0.0, 0.0)
+    error, _ = measured_error([((b_cat / 4.0).float(), a_cat.float())], [(b_cat, a_cat)], 4.0)
+    assert 0 < error < 1e-6  # float32 storage: not exact, measured

@@ -1,5 +1,5 @@
 """One module per adapter method family, mirroring ``adapters.methods``."""
-from . import bottleneck, lora, prefix_tuning, prompt_tuning, reft
+from . import bottleneck, heads, lora, prefix_tuning, prompt_tuning, reft
 
 #: every method the engine can merge; the first whose config types match a configuration owns it
 METHODS = (
@@ -8,6 +8,7 @@ METHODS = (
     prefix_tuning.METHOD,
     prompt_tuning.METHOD,
     reft.METHOD,
+    heads.METHOD,
 )
 
-__all__ = ["METHODS", "bottleneck", "lora", "prefix_tuning", "prompt_tuning", "reft"]
+__all__ = ["METHODS", "bottleneck", "heads", "lora", "prefix_tuning", "prompt_tuning", "reft"]

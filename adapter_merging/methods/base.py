@@ -1,17 +1,17 @@
-"""What every method module shares: the merge context and the linear rule over slots."""
+"""What every method module shares: the merge context, the linear rule over slots, and `Method`."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from ..ops import combine_state_dicts
+from ..ops import linear_combination
 from ..report import MergeReport
 from ..state import Slot
 from ..strategies import Strategy
 
-Tensors = Dict[Slot, torch.Tensor]
+Tensors = Mapping[Slot, torch.Tensor]
 
 
 @dataclass
@@ -23,19 +23,31 @@ class MergeContext:
     tensors: Dict[str, Tensors]  # input adapter name → {slot: tensor}
     strategy: Strategy
     options: Dict[str, Any] = field(default_factory=dict)
-    report: MergeReport | None = None
+    report: MergeReport = field(default_factory=lambda: MergeReport("<merged>", "linear", {}))
     #: random stream of the randomised strategies, seeded once per merge from ``options["seed"]``
-    generator: torch.Generator | None = None
+    generator: Optional[torch.Generator] = None
+    #: per input, per module (a slot prefix): LoRA rank and scaling where they differ from the
+    #: input's configuration (PEFT's rank_pattern / alpha_pattern / rsLoRA)
+    module_ranks: Dict[str, Dict[str, int]] = field(default_factory=dict)
+    module_scalings: Dict[str, Dict[str, float]] = field(default_factory=dict)
+    #: per module of the result, (rank, scaling) where they differ from the merged configuration
+    merged_modules: Dict[str, Tuple[int, float]] = field(default_factory=dict)
 
     def inputs(self, slot: Slot) -> List[torch.Tensor]:
         """The tensor at ``slot`` of every input adapter, in input order."""
         return [self.tensors[name][slot] for name in self.names]
 
+    def with_weights(self, weights: Sequence[float]) -> "MergeContext":
+        """The same inputs with other weights (e.g. |λᵢ| for one parameter)."""
+        return MergeContext(self.names, list(weights), self.tensors, self.strategy, self.options, self.report)
 
-def linear_merge(ctx: MergeContext, slots: Sequence[Slot]) -> Tensors:
-    """Φ = Σ λᵢ Φᵢ at every slot."""
-    states = [{slot: ctx.tensors[name][slot] for slot in slots} for name in ctx.names]
-    return combine_state_dicts(states, ctx.weights)
+
+def linear_merge(ctx: MergeContext, slots: Sequence[Slot], weights_for: Optional[Callable] = None) -> Dict[Slot, torch.Tensor]:
+    """Φ = Σ wᵢ Φᵢ at every slot, with wᵢ = ``weights_for(param, λ)`` (default: λᵢ)."""
+    return {
+        slot: linear_combination(ctx.inputs(slot), weights_for(slot.param, ctx.weights) if weights_for else ctx.weights)
+        for slot in slots
+    }
 
 
 def group_by(slots: Sequence[Slot], unit) -> Dict[Any, List[Slot]]:
@@ -47,31 +59,73 @@ def group_by(slots: Sequence[Slot], unit) -> Dict[Any, List[Slot]]:
 
 
 def merge_linearly(ctx: MergeContext, configs: Sequence[Any], slots: Sequence[Slot]):
-    """The default rule of a method: keep the configuration, merge every tensor linearly."""
-    return configs[0], linear_merge(ctx, slots)
+    """The default rule of a method: keep the configuration, merge every tensor by the strategy's
+    parameter rule (``linear``: Φ = Σ λᵢ Φᵢ)."""
+    return configs[0], linear_merge(ctx, slots, ctx.strategy.rule.weights_for)
+
+
+def _no_hint(field: str, strategy: Strategy) -> str:
+    return ""
 
 
 @dataclass(frozen=True)
 class Method:
-    """One adapter method family as the engine sees it.
+    """One adapter method family as the engine sees it, with its hooks.
 
-    ``merge(ctx, configs, slots) -> (new_config, {slot: tensor})`` gets the inputs' (sub-)configs of
-    this method and the slots of its containers; it must not touch a model.
+    * ``merge(ctx, configs, slots) -> (new_config, {slot: tensor})`` gets the inputs' (sub-)configs of
+      this method and the slots it owns; it must not touch a model.
+    * ``families(config)``: the family names strategies declare support for (default ``{name}``).
+    * ``owns(slot, config)``: whether a slot of one of ``containers`` belongs to this method (e.g.
+      ``shared_parameters`` are Compacter's or VeRA's).
+    * ``unit_of(slot)``: what must match across inputs (default: the slot itself).
+    * ``may_differ(config, strategy)``: configuration fields that may differ between inputs.
+    * ``hint(field, strategy)``: advice appended when inputs differ in ``field``.
+    * ``absent(slot, present, config)``: what an input that lacks ``slot`` contributes when its format
+      selects modules per input (a zero update; e.g. IA³'s identity).
+    * ``difference(...)``: the refusal for inputs whose configurations differ in a field.
     """
 
     name: str
     config_types: tuple
     containers: tuple
-    merge: Any = merge_linearly
-    families: Any = None  # config -> set of family names; default {name}
-    claims_shared_parameters: Any = None  # config -> bool
-    ignored_config_fields: Any = None  # (config, strategy) -> set of fields that may differ
+    merge: Callable = merge_linearly
+    families: Optional[Callable] = None
+    owns_shared: Optional[Callable] = None  # config -> whether it owns ``shared_parameters``
+    ignored_config_fields: Optional[Callable] = None  # (config, strategy) -> fields that may differ
+    unit: Optional[Callable] = None  # slot -> unit
+    hint: Callable[[str, Strategy], str] = _no_hint
+    absent_value: Optional[Callable] = None  # (slot, present tensor, config) -> tensor
+    #: (first name, other name, first config, other config, field, first value, other value, "and …")
+    #: -> the refusal for inputs whose configurations differ (default: `different_configurations`)
+    describe_difference: Optional[Callable] = None
 
     def families_of(self, config) -> set:
         return set(self.families(config)) if self.families else {self.name}
 
-    def claims_shared(self, config) -> bool:
-        return bool(self.claims_shared_parameters(config)) if self.claims_shared_parameters else False
+    def owns(self, slot: Slot, config) -> bool:
+        if slot.container not in self.containers:
+            return False
+        if slot.container == "shared_parameters":
+            return bool(self.owns_shared(config)) if self.owns_shared else False
+        return True
+
+    def unit_of(self, slot: Slot):
+        return self.unit(slot) if self.unit else slot
 
     def may_differ(self, config, strategy) -> set:
         return set(self.ignored_config_fields(config, strategy)) if self.ignored_config_fields else set()
+
+    def absent(self, slot: Slot, present: torch.Tensor, config) -> torch.Tensor:
+        return self.absent_value(slot, present, config) if self.absent_value else torch.zeros_like(present)
+
+    def difference(self, first: str, other: str, a, b, field: str, mine, theirs, others: str, strategy: Strategy) -> str:
+        if self.describe_difference:
+            return self.describe_difference(first, other, a, b, field, mine, theirs, others)
+        return (
+            f"{DIFFERENT_CONFIGURATIONS} '{first}' has {field}={mine!r} but '{other}' has {field}={theirs!r}{others}. "
+            f"Merge adapters of one configuration.{self.hint(field, strategy)}"
+        )
+
+
+#: adapters 1.3.0's first sentence for inputs that cannot be merged
+DIFFERENT_CONFIGURATIONS = "Cannot average adapters with different configurations."

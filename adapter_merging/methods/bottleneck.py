@@ -12,5 +12,5 @@ METHOD = Method(
     name="bottleneck",
     config_types=(BnConfig,),
     containers=("adapters", "invertible_adapters", "shared_parameters"),
-    claims_shared_parameters=lambda config: bool(config.get("phm_layer")),
+    owns_shared=lambda config: bool(config.get("phm_layer")),
 )

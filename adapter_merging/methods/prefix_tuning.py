@@ -58,17 +58,17 @@ def merge_prefixes(ctx, configs, slots):
     return configs[0].replace(flat=True), merged
 
 
-class _PrefixMethod(Method):
-    def unit_of(self, slot: Slot):
-        """Inputs must have the same prefix locations; how each stores one (flat or MLP) may differ."""
-        return _location(slot) if slot.container == "prefix_tunings" else slot
+def _unit(slot: Slot):
+    """Inputs must have the same prefix locations; how each stores one (flat or MLP) may differ."""
+    return _location(slot) if slot.container == "prefix_tunings" else slot
 
 
-METHOD = _PrefixMethod(
+METHOD = Method(
     name="prefix_tuning",
     config_types=(PrefixTuningConfig,),
     containers=("prefix_tunings", "prefix_gates"),
     merge=merge_prefixes,
+    unit=_unit,
     # merged in flat space, so the reparameterisation of each input does not need to match
     ignored_config_fields=lambda config, strategy: {"flat", "bottleneck_size", "non_linearity"},
 )

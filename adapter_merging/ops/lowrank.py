@@ -117,30 +117,6 @@ def lowrank_frobenius_norm(b: torch.Tensor, a: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(r_b @ r_a.T))
 
 
-def svd_difference_norm(svd: LowRankSVD, b: torch.Tensor, a: torch.Tensor, scaling: float = 1.0) -> float:
-    """‖scaling·B·A − U·diag(S)·Vh‖_F with matrix products of width at most max(q, r), no QR.
-
-    With P = UᵀB', B⊥ = B' − U·P (B' = scaling·B) and Pₐ = A·Vhᵀ, A⊥ = A − Pₐ·Vh, the difference is
-    U(P·Pₐ − S)Vh + U·P·A⊥ + B⊥·Pₐ·Vh + B⊥·A⊥, four mutually orthogonal terms (UᵀB⊥ = 0, A⊥Vhᵀ = 0),
-    so its squared norm is the sum of theirs. Used to measure a re-factorised LoRA against the SVD
-    it came from: the first term carries the truncation, the others the rounding of the stored factors.
-    """
-    u, s, vh = (t.to(torch.float64) for t in svd)
-    b64, a64 = b.to(torch.float64) * float(scaling), a.to(torch.float64)
-    p = u.T @ b64
-    b_perp = b64 - u @ p
-    p_a = a64 @ vh.T
-    a_perp = a64 - p_a @ vh
-    core = p @ p_a - torch.diag(s)
-    total = (
-        float((core**2).sum())
-        + float(((p @ a_perp) ** 2).sum())
-        + float(((b_perp @ p_a) ** 2).sum())
-        + max(0.0, float(((b_perp.T @ b_perp) * (a_perp @ a_perp.T)).sum()))  # second order: rounding²
-    )
-    return math.sqrt(total)
-
-
 def lowrank_relative_error(
     b: torch.Tensor, a: torch.Tensor, b_ref: torch.Tensor, a_ref: torch.Tensor
 ) -> float:
@@ -153,6 +129,71 @@ def lowrank_relative_error(
     return diff_norm / ref_norm
 
 
+def rounding_floor(b: torch.Tensor, a: torch.Tensor) -> float:
+    """Size of the float64 rounding in any quantity computed from the factors of B·A:
+    max(d, k, R)·ε·‖B‖_F‖A‖_F. Singular values below it are zero, and a target whose norm is below
+    it is zero (e.g. an adapter merged with itself at weights 1 and −1)."""
+    size = max(b.shape[0], a.shape[1], b.shape[1])
+    return size * torch.finfo(torch.float64).eps * float(b.to(torch.float64).norm()) * float(a.to(torch.float64).norm())
+
+
+def difference_norm(
+    b_new: torch.Tensor, a_new: torch.Tensor, b_ref: torch.Tensor, a_ref: torch.Tensor, scaling: float = 1.0
+) -> tuple[float, bool]:
+    """(‖s·B_new·A_new − B_ref·A_ref‖_F, whether it is exactly 0), from the factors, in float64.
+
+    Where the stored A is the reference's A (concat, a single input), the difference is
+    (s·B_new − B_ref)·A_ref: subtracting the factors first cancels exactly, so an exact merge
+    measures 0 even where the target is far below ‖B_ref‖‖A_ref‖. Otherwise the difference is
+    the product of [s·B_new, −B_ref] and [A_new; A_ref] (`lowrank_frobenius_norm`)."""
+    b64, a64 = b_new.to(torch.float64) * float(scaling), a_new.to(torch.float64)
+    b_ref, a_ref = b_ref.to(torch.float64), a_ref.to(torch.float64)
+    if a64.shape == a_ref.shape and torch.equal(a64, a_ref):
+        delta_b = b64 - b_ref
+        if not bool(delta_b.any()):
+            return 0.0, True
+        return lowrank_frobenius_norm(delta_b, a_ref), False
+    return lowrank_frobenius_norm(torch.cat([b64, -b_ref], dim=1), torch.cat([a64, a_ref], dim=0)), False
+
+
+def relative_error(diff_sq: float, ref_sq: float, floor_sq: float = 0.0) -> tuple[float, float]:
+    """(‖merged − target‖/‖target‖, rounding floor/‖target‖). The true error lies within the error ±
+    the floor: the floor is what rounding of the inputs lets one measure (and compute). A target below
+    the floor counts as zero: error 0 if the difference is below it too, else ∞; floor 1."""
+    if ref_sq <= floor_sq:
+        return (0.0 if diff_sq <= 4.0 * floor_sq else math.inf), 1.0
+    return math.sqrt(diff_sq / ref_sq), min(1.0, math.sqrt(floor_sq / ref_sq))
+
+
+def measured_error(
+    stored: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    targets: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    scaling: float,
+) -> tuple[float, float]:
+    """(relative error, rounding floor) of stored factors (one (B, A) per group) against the target
+    given as stacked float64 factors (B_cat, A_cat) per group (see `relative_error`); (0, 0) where the
+    stored factors are proven to reproduce the target exactly."""
+    diff_sq = ref_sq = floor_sq = 0.0
+    exact = True
+    for (b_new, a_new), (b_ref, a_ref) in zip(stored, targets):
+        diff, proven = difference_norm(b_new, a_new, b_ref, a_ref, scaling)
+        exact &= proven
+        diff_sq += diff**2
+        ref_sq += lowrank_frobenius_norm(b_ref, a_ref) ** 2
+        floor_sq += rounding_floor(b_ref, a_ref) ** 2
+    if exact:
+        return 0.0, 0.0
+    return relative_error(diff_sq, ref_sq, floor_sq)
+
+
+def pad_factors(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) of rank q ≤ ``rank`` as rank ``rank``: zero columns of B and rows of A (the same update)."""
+    extra = rank - b.shape[1]
+    if extra <= 0:
+        return b, a
+    return torch.cat([b, b.new_zeros(b.shape[0], extra)], dim=1), torch.cat([a, a.new_zeros(extra, a.shape[1])], dim=0)
+
+
 __all__ = [
     "LowRankSVD",
     "stack_factors",
@@ -162,5 +203,9 @@ __all__ = [
     "split_factors",
     "lowrank_frobenius_norm",
     "lowrank_relative_error",
-    "svd_difference_norm",
+    "rounding_floor",
+    "difference_norm",
+    "relative_error",
+    "measured_error",
+    "pad_factors",
 ]

@@ -25,34 +25,30 @@ SIGN_METHODS = ("total", "frequency")
 # --------------------------------------------------------------------------- validation
 
 
+def _real(name: str, value, expected: str, example: str) -> float:
+    """``value`` as a float if it is a real number (not a bool); else a TypeError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a number in {expected}, got {value!r}. {example}")
+    return float(value)
+
+
 def check_density(density: float) -> float:
-    """Validate the fraction of entries kept: a finite number with 0 < density ≤ 1."""
-    if isinstance(density, bool) or not isinstance(density, Real) or not math.isfinite(float(density)):
-        raise ValueError(
-            f"density must be a finite number in (0, 1], got {density!r}. "
-            "Pass e.g. density=0.2 to keep 20% of the entries, or density=1 to keep all of them."
-        )
-    if not 0.0 < float(density) <= 1.0:
-        raise ValueError(
-            f"density must be in (0, 1], got {density!r}. "
-            "Pass e.g. density=0.2 to keep 20% of the entries, or density=1 to keep all of them."
-        )
-    return float(density)
+    """Validate the fraction of entries kept: a finite number with 0 < density ≤ 1 (TypeError for
+    a value that is not a number, ValueError for one out of range)."""
+    example = "Pass e.g. density=0.2 to keep 20% of the entries, or density=1 to keep all of them."
+    value = _real("density", density, "(0, 1]", example)
+    if not (math.isfinite(value) and 0.0 < value <= 1.0):
+        raise ValueError(f"density must be a finite number in (0, 1], got {density!r}. {example}")
+    return value
 
 
 def check_gamma(gamma: float) -> float:
     """Validate the Breadcrumbs top-magnitude fraction dropped: a finite number with 0 ≤ gamma < 1."""
-    if isinstance(gamma, bool) or not isinstance(gamma, Real) or not math.isfinite(float(gamma)):
-        raise ValueError(
-            f"gamma must be a finite number in [0, 1), got {gamma!r}. "
-            "Pass e.g. gamma=0.01 to drop the largest 1% of the entries, or gamma=0 to drop none."
-        )
-    if not 0.0 <= float(gamma) < 1.0:
-        raise ValueError(
-            f"gamma must be in [0, 1), got {gamma!r}: gamma=1 would drop every entry. "
-            "Pass e.g. gamma=0.01 to drop the largest 1% of the entries, or gamma=0 to drop none."
-        )
-    return float(gamma)
+    example = "Pass e.g. gamma=0.01 to drop the largest 1% of the entries, or gamma=0 to drop none."
+    value = _real("gamma", gamma, "[0, 1)", example)
+    if not (math.isfinite(value) and 0.0 <= value < 1.0):
+        raise ValueError(f"gamma must be a finite number in [0, 1) (gamma=1 would drop every entry), got {gamma!r}. {example}")
+    return value
 
 
 def check_sign_method(method: str) -> str:
@@ -201,6 +197,13 @@ def disjoint_merge(
     return torch.where(mass > 0, total_mass * numerator / safe, 0.0)
 
 
+# --------------------------------------------------------------------------- sparsification × consensus
+#
+# Every strategy below is a sparsification of each task (which entries of τᵢ survive, and how they
+# are rescaled) followed by a consensus (how the surviving λᵢτ̂ᵢ are combined), after the
+# generalized task arithmetic of mergekit. A new strategy is a new pair.
+
+
 def _trim(tasks: torch.Tensor, mask_of) -> torch.Tensor:
     """τ̂ᵢ = mask_of(τᵢ) ⊙ τᵢ for each task, into one new tensor of the shape of ``tasks``."""
     trimmed = torch.empty_like(tasks)
@@ -209,15 +212,27 @@ def _trim(tasks: torch.Tensor, mask_of) -> torch.Tensor:
     return trimmed
 
 
-def _sign_merge(trimmed: torch.Tensor, lam: torch.Tensor, weights: Sequence[float], method: str) -> torch.Tensor:
-    """Weight the trimmed tasks (in place: ``trimmed`` is a fresh tensor of the caller's), elect
-    signs and take the disjoint merge."""
-    weighted = trimmed.mul_(lam)
-    return disjoint_merge(weighted, elect_sign(weighted, method), weights)
+def keep_all(tasks: torch.Tensor) -> torch.Tensor:
+    """No sparsification: τ̂ᵢ = τᵢ (a fresh tensor the consensus may overwrite)."""
+    return tasks.clone()
 
 
-def _dare_drop(tasks: torch.Tensor, density: float, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """τ̂ᵢ = mᵢ ⊙ τᵢ / density with one DARE mask mᵢ drawn per task in order i = 0 … n−1."""
+def keep_largest(tasks: torch.Tensor, density: float) -> torch.Tensor:
+    """τ̂ᵢ = magnitude_mask(τᵢ, density) ⊙ τᵢ: the top ``density`` magnitudes of each task (TIES trim)."""
+    density = check_density(density)
+    return _trim(tasks, lambda task: magnitude_mask(task, density))
+
+
+def keep_band(tasks: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """τ̂ᵢ = breadcrumbs_mask(τᵢ, density, gamma) ⊙ τᵢ: drop the top ``gamma``, keep the next ``density``."""
+    density, gamma = check_density(density), check_gamma(gamma)
+    return _trim(tasks, lambda task: breadcrumbs_mask(task, density, gamma))
+
+
+def drop_and_rescale(tasks: torch.Tensor, density: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """DARE: τ̂ᵢ = mᵢ ⊙ τᵢ / density with one mask mᵢ ~ Bernoulli(density) drawn per task in order
+    i = 0 … n−1 from ``generator``."""
+    density = check_density(density)
     dropped = torch.empty_like(tasks)
     for i in range(tasks.shape[0]):
         keep = dare_mask(tasks.shape[1:], density, generator).to(tasks.device)
@@ -225,7 +240,22 @@ def _dare_drop(tasks: torch.Tensor, density: float, generator: Optional[torch.Ge
     return dropped
 
 
-# --------------------------------------------------------------------------- strategies
+def weighted_sum(trimmed: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+    """Consensus of task arithmetic: τ_m = Σᵢ λᵢτ̂ᵢ."""
+    _check_tasks(trimmed, weights)
+    return linear_combination(trimmed.unbind(0), weights)
+
+
+def sign_consensus(trimmed: torch.Tensor, weights: Sequence[float], majority_sign_method: str = "total") -> torch.Tensor:
+    """Consensus of TIES: γ = elect_sign(λτ̂, method), τ_m = disjoint_merge(λτ̂, γ, λ). Weights
+    ``trimmed`` in place (a fresh tensor of the caller's)."""
+    lam = _check_tasks(trimmed, weights)
+    check_sign_method(majority_sign_method)
+    weighted = trimmed.mul_(lam)
+    return disjoint_merge(weighted, elect_sign(weighted, majority_sign_method), weights)
+
+
+# --------------------------------------------------------------------------- the named strategies
 
 
 def task_arithmetic(tasks: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
@@ -237,23 +267,20 @@ def task_arithmetic(tasks: torch.Tensor, weights: Sequence[float]) -> torch.Tens
 def ties(
     tasks: torch.Tensor, weights: Sequence[float], density: float, majority_sign_method: str = "total"
 ) -> torch.Tensor:
-    """TIES merging (Yadav et al. 2023): τ̂ᵢ = magnitude_mask(τᵢ, density) ⊙ τᵢ (per task tensor),
-    γ = elect_sign(λτ̂, method), τ_m = disjoint_merge(λτ̂, γ, λ)."""
-    lam = _check_tasks(tasks, weights)
+    """TIES merging (Yadav et al. 2023): `keep_largest` then `sign_consensus`."""
+    _check_tasks(tasks, weights)
     check_density(density)
     check_sign_method(majority_sign_method)
-    trimmed = _trim(tasks, lambda task: magnitude_mask(task, density))
-    return _sign_merge(trimmed, lam, weights, majority_sign_method)
+    return sign_consensus(keep_largest(tasks, density), weights, majority_sign_method)
 
 
 def dare_linear(
     tasks: torch.Tensor, weights: Sequence[float], density: float, generator: Optional[torch.Generator] = None
 ) -> torch.Tensor:
-    """DARE (Yu et al. 2024) with a linear merge: τ̂ᵢ = mᵢ ⊙ τᵢ / density, mᵢ ~ Bernoulli(density)
-    (one mask per task, drawn in order from ``generator``), τ_m = Σᵢ λᵢτ̂ᵢ. E[τ_m] = Σᵢ λᵢτᵢ."""
+    """DARE (Yu et al. 2024) with a linear merge: `drop_and_rescale` then `weighted_sum`;
+    E[τ_m] = Σᵢ λᵢτᵢ."""
     _check_tasks(tasks, weights)
-    density = check_density(density)
-    return linear_combination(_dare_drop(tasks, density, generator).unbind(0), weights)
+    return weighted_sum(drop_and_rescale(tasks, density, generator), weights)
 
 
 def dare_ties(
@@ -263,31 +290,34 @@ def dare_ties(
     generator: Optional[torch.Generator] = None,
     majority_sign_method: str = "total",
 ) -> torch.Tensor:
-    """DARE drop and rescale, then TIES sign election and disjoint merge:
-    τ̂ᵢ = mᵢ ⊙ τᵢ / density, γ = elect_sign(λτ̂, method), τ_m = disjoint_merge(λτ̂, γ, λ)."""
-    lam = _check_tasks(tasks, weights)
-    density = check_density(density)
+    """DARE drop and rescale, then TIES sign election and disjoint merge: `drop_and_rescale` then
+    `sign_consensus`."""
+    _check_tasks(tasks, weights)
+    check_density(density)
     check_sign_method(majority_sign_method)
-    return _sign_merge(_dare_drop(tasks, density, generator), lam, weights, majority_sign_method)
+    return sign_consensus(drop_and_rescale(tasks, density, generator), weights, majority_sign_method)
 
 
 def magnitude_prune(tasks: torch.Tensor, weights: Sequence[float], density: float) -> torch.Tensor:
-    """Magnitude pruning: τ_m = Σᵢ λᵢ (magnitude_mask(τᵢ, density) ⊙ τᵢ)."""
+    """Magnitude pruning: `keep_largest` then `weighted_sum`, τ_m = Σᵢ λᵢ (magnitude_mask(τᵢ) ⊙ τᵢ)."""
     _check_tasks(tasks, weights)
-    check_density(density)
-    return linear_combination(_trim(tasks, lambda task: magnitude_mask(task, density)).unbind(0), weights)
+    return weighted_sum(keep_largest(tasks, density), weights)
 
 
 def breadcrumbs(tasks: torch.Tensor, weights: Sequence[float], density: float, gamma: float) -> torch.Tensor:
-    """Model Breadcrumbs: τ_m = Σᵢ λᵢ (breadcrumbs_mask(τᵢ, density, gamma) ⊙ τᵢ)."""
+    """Model Breadcrumbs: `keep_band` then `weighted_sum`."""
     _check_tasks(tasks, weights)
-    check_density(density)
-    check_gamma(gamma)
-    return linear_combination(_trim(tasks, lambda task: breadcrumbs_mask(task, density, gamma)).unbind(0), weights)
+    return weighted_sum(keep_band(tasks, density, gamma), weights)
 
 
 __all__ = [
     "SIGN_METHODS",
+    "keep_all",
+    "keep_largest",
+    "keep_band",
+    "drop_and_rescale",
+    "weighted_sum",
+    "sign_consensus",
     "check_density",
     "check_gamma",
     "check_sign_method",

@@ -32,20 +32,7 @@ def resolve_weights(
     Unordered collections (sets) are refused: positional weights would depend on their iteration order.
     """
     check_flag("normalize_weights", normalize_weights)
-    names, weights = _split_names_and_weights(names, weights, kind)
-    if len(names) == 0:
-        raise ValueError(  # adapters' first sentence, then ours
-            f"No {kind}s to average. Pass at least one {kind} name (a list, or a dict {{name: weight}})."
-        )
-    for name in names:
-        if not isinstance(name, str):
-            raise TypeError(f"{kind.capitalize()} names must be strings, got {name!r} ({type(name).__name__}).")
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ValueError(
-            f"Duplicate {kind} names {duplicates}: each {kind} may appear once. "
-            "To give one more weight, pass a single entry with the summed weight."
-        )
+    names, weights = split_names_and_weights(names, weights, kind)
     if weights is None:
         return [(name, 1.0 / len(names)) for name in names]
     if len(weights) != len(names):
@@ -76,6 +63,29 @@ def resolve_weights(
             )
         values = [w / total for w in values]
     return list(zip(names, values))
+
+
+def split_names_and_weights(
+    names: Sequence[str] | Mapping[str, float], weights: Any = None, kind: str = "adapter"
+) -> tuple[list[str], Any]:
+    """(names, weights) from what a user passed as ``adapter_list`` and ``weights``: the names checked
+    (a non-empty list of distinct strings, in a defined order), the weights as a list, a dict by
+    name, or None (their values are checked by `resolve_weights`)."""
+    names, weights = _split_names_and_weights(names, weights, kind)
+    if len(names) == 0:
+        raise ValueError(  # adapters' first sentence, then ours
+            f"No {kind}s to average. Pass at least one {kind} name (a list, or a dict {{name: weight}})."
+        )
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"{kind.capitalize()} names must be strings, got {name!r} ({type(name).__name__}).")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(
+            f"Duplicate {kind} names {duplicates}: each {kind} may appear once. "
+            "To give one more weight, pass a single entry with the summed weight."
+        )
+    return names, weights
 
 
 def _real_weight(weight: Any, owner: str) -> float:

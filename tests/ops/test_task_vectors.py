@@ -485,9 +485,15 @@ def test_negative_weight_same_as_negated_task():
 # --------------------------------------------------------------------------- validation
 
 
-@pytest.mark.parametrize("density", [0, 0.0, 1.5, -0.1, float("nan"), float("inf"), True, "0.5", None])
-def test_invalid_density(density):
-    with pytest.raises(ValueError, match=r"density.*\(0, 1\].*density=0\.2"):
+@pytest.mark.parametrize(
+    "density, error",
+    [(0, ValueError), (0.0, ValueError), (1.5, ValueError), (-0.1, ValueError), (float("nan"), ValueError),
+     (float("inf"), ValueError), (True, TypeError), ("0.5", TypeError), (None, TypeError)],
+)
+def test_invalid_density(density, error):
+    """One validator for every path (strategy options included): TypeError for a value that is not a
+    number, ValueError for a number out of range."""
+    with pytest.raises(error, match=r"density.*\(0, 1\].*density=0\.2"):
         check_density(density)
     tasks = _gauss_tasks((3, 3), 0)
     for call in (
@@ -498,7 +504,7 @@ def test_invalid_density(density):
         lambda: magnitude_prune(tasks, WEIGHTS, density),
         lambda: breadcrumbs(tasks, WEIGHTS, density, 0.1),
     ):
-        with pytest.raises(ValueError, match="density"):
+        with pytest.raises(error, match="density"):
             call()
 
 
