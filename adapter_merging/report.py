@@ -84,8 +84,10 @@ class MergeReport:
         if self.modules:
             text += (
                 f"; {len(self.modules)} modules, relative error vs {self.target}: "
-                f"max {self.max_error:.3g}, mean {self.mean_error:.3g}; energy kept ≥ {self.min_energy_kept:.4f}"
+                f"max {self.max_error:.3g}, mean {self.mean_error:.3g}"
             )
+            if self.min_energy_kept < 1.0:  # only a truncation keeps less (the field means nothing otherwise)
+                text += f"; energy kept ≥ {self.min_energy_kept:.4f}"
             floored = [m for m in self.modules if m.at_rounding_floor]
             if floored:
                 text += (
