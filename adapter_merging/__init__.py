@@ -8,16 +8,18 @@ weights — and average prediction heads.
     >>> adapter_merging.init(model)                                  # doctest: +SKIP
     >>> model.average_adapter("avg", ["a", "b"], weights=[0.5, 0.5])  # doctest: +SKIP
 """
+__version__ = "0.1.0"
+
 from .model_mixin import ModelMixin, average_adapter, average_head, init
 from .report import MergeReport, ModuleReport
 from .strategies import STRATEGIES, CombineStrategy, SignMethod, Strategy, get_strategy, strategies_for
-
-__version__ = "0.1.0"
+from .files import merge_saved_adapters
 
 __all__ = [
     "init",
     "average_adapter",
     "average_head",
+    "merge_saved_adapters",
     "ModelMixin",
     "CombineStrategy",
     "SignMethod",

@@ -16,6 +16,11 @@ def user_stacklevel() -> int:
     return level
 
 
+class MergeWarning(UserWarning):
+    """A merge that goes on but costs something the user should know (a measured error, an ignored
+    option): adapter_merging's warnings are of this class."""
+
+
 def warn(message: str) -> None:
-    """``warnings.warn(message, UserWarning)`` attributed to the user's code that called adapter_merging."""
-    warnings.warn(message, UserWarning, stacklevel=user_stacklevel())
+    """``warnings.warn(message, MergeWarning)`` attributed to the user's code that called adapter_merging."""
+    warnings.warn(message, MergeWarning, stacklevel=user_stacklevel())

@@ -12,7 +12,7 @@ configuration) and write the `MergeResult` back.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from adapters import ConfigUnion
@@ -69,12 +69,14 @@ def merge(
     *,
     name: str = "merged",
     kind: str = "adapter",
+    progress: Optional[Callable[[int, int], None]] = None,
 ) -> MergeResult:
     """Merge ``inputs`` into one adapter (or head, ``kind="head"``) called ``name``.
 
     ``weights`` as in ``average_adapter``: None (1/N), one per input, or a dict by input name;
-    ``options`` are the strategy's options (``svd_tol``, ``density``, …). Raises ValueError/TypeError
-    naming the problem and the fix; nothing is changed anywhere, so a failure needs no undo."""
+    ``options`` are the strategy's options (``svd_tol``, ``density``, …). ``progress(done, total)`` is
+    called as modules are merged. Raises ValueError/TypeError naming the problem and the fix; nothing
+    is changed anywhere, so a failure needs no undo."""
     names = [item.name for item in inputs]
     resolved = resolve_weights(names, weights, normalize_weights, kind=kind)
     strategy = get_strategy(combine_strategy)
@@ -91,6 +93,7 @@ def merge(
         names, [w for _, w in resolved], tensors, strategy, parsed, report, generator,
         module_ranks={i.name: dict(i.module_ranks) for i in inputs},
         module_scalings={i.name: dict(i.module_scalings) for i in inputs},
+        progress=_counter({slot.prefix for slot in slots}, progress) if progress else None,
     )
     new_parts, merged = [], {}
     for j, part in enumerate(parts[0]):
@@ -99,6 +102,18 @@ def merge(
         merged.update(out)
     check_finite(name, names, tensors, merged, kind)
     return MergeResult(union_like(configs[0], new_parts), merged, report, dict(ctx.merged_modules))
+
+
+def _counter(modules, callback: Callable[[int, int], None]) -> Callable[[str], None]:
+    """A per-module callback that reports (modules done, modules in all) once per module."""
+    done: set = set()
+
+    def advance(module: str) -> None:
+        if module not in done:
+            done.add(module)
+            callback(len(done), len(modules))
+
+    return advance
 
 
 # ----------------------------------------------------------------------------- configurations

@@ -8,6 +8,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 
+#: a rounding floor above this is worth saying in the summary (it exceeds float32 storage rounding)
+ROUNDING_WORTH_SAYING = 1e-9
+
+
 @dataclass(frozen=True)
 class ModuleReport:
     """One merged module.
@@ -29,9 +33,10 @@ class ModuleReport:
     rounding_floor: float = 0.0
 
     @property
-    def at_rounding_floor(self) -> bool:
-        """Whether the error is too small to be told apart from the rounding of the inputs."""
-        return 0.0 < self.rounding_floor and self.relative_error <= self.rounding_floor
+    def limited_by_rounding(self) -> bool:
+        """Whether the rounding of the inputs limits this module's result and its measurement beyond
+        the float32 storage level (a rounding floor above 1e-9: its target nearly cancels)."""
+        return self.rounding_floor > ROUNDING_WORTH_SAYING
 
 
 @dataclass
@@ -88,11 +93,11 @@ class MergeReport:
             )
             if self.min_energy_kept < 1.0:  # only a truncation keeps less (the field means nothing otherwise)
                 text += f"; energy kept ≥ {self.min_energy_kept:.4f}"
-            floored = [m for m in self.modules if m.at_rounding_floor]
+            floored = [m for m in self.modules if m.limited_by_rounding]
             if floored:
                 text += (
-                    f"; {len(floored)} modules at the rounding floor of their inputs (their target nearly cancels: "
-                    f"errors up to {max(m.rounding_floor for m in floored):.3g} cannot be measured or avoided in float64)"
+                    f"; {len(floored)} modules have a rounding floor up to {max(m.rounding_floor for m in floored):.3g} "
+                    "(their target nearly cancels: errors that small cannot be measured or avoided in float64)"
                 )
         for note in self.notes:
             text += f". {note}"

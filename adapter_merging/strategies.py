@@ -190,7 +190,14 @@ SVD_TOL = Option(
     "svd_tol", None, _optional_fraction, "smallest rank whose relative truncation error is ≤ svd_tol"
 )
 # the task-vector options are validated by the same functions the tensor operations use
-DENSITY = Option("density", 0.2, lambda name, value: check_density(value), "fraction of entries of each ΔWᵢ kept")
+def _density(name: str, value: Any):
+    """A density, or one per input (checked against the number of inputs when merging)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(check_density(v) for v in value)
+    return check_density(value)
+
+
+DENSITY = Option("density", 0.2, _density, "fraction of entries of each ΔWᵢ kept (one number, or one per input)")
 SIGN_METHOD = Option(
     "majority_sign_method", "total", lambda name, value: check_sign_method(value), "TIES sign election: 'total' or 'frequency'"
 )

@@ -32,6 +32,12 @@ class MergeContext:
     module_scalings: Dict[str, Dict[str, float]] = field(default_factory=dict)
     #: per module of the result, (rank, scaling) where they differ from the merged configuration
     merged_modules: Dict[str, Tuple[int, float]] = field(default_factory=dict)
+    #: called with a module (slot prefix) each time one is merged (a progress bar)
+    progress: Optional[Callable[[str], None]] = None
+
+    def advance(self, module: str) -> None:
+        if self.progress is not None:
+            self.progress(module)
 
     def inputs(self, slot: Slot) -> List[torch.Tensor]:
         """The tensor at ``slot`` of every input adapter, in input order."""
@@ -44,10 +50,19 @@ class MergeContext:
 
 def linear_merge(ctx: MergeContext, slots: Sequence[Slot], weights_for: Optional[Callable] = None) -> Dict[Slot, torch.Tensor]:
     """Φ = Σ wᵢ Φᵢ at every slot, with wᵢ = ``weights_for(param, λ)`` (default: λᵢ)."""
-    return {
-        slot: linear_combination(ctx.inputs(slot), weights_for(slot.param, ctx.weights) if weights_for else ctx.weights)
-        for slot in slots
-    }
+    merged = {}
+    for slot in slots:
+        tensors = ctx.inputs(slot)
+        shapes = [tuple(t.shape) for t in tensors]
+        if len(set(shapes)) > 1:
+            listing = ", ".join(f"'{n}': {s}" for n, s in zip(ctx.names, shapes))
+            raise ValueError(
+                f"The inputs' tensors {slot.key('<name>')} have different shapes ({listing}): they were trained on "
+                "different base models or with different configurations, and cannot be merged."
+            )
+        merged[slot] = linear_combination(tensors, weights_for(slot.param, ctx.weights) if weights_for else ctx.weights)
+        ctx.advance(slot.prefix)
+    return merged
 
 
 def group_by(slots: Sequence[Slot], unit) -> Dict[Any, List[Slot]]:

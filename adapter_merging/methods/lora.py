@@ -237,6 +237,7 @@ def _merge_parameters(ctx: MergeContext, configs, units, kind: str, rule: Parame
             out[by_param["lora_B"]] = _ia3_deviation(ctx, configs, prefix, by_param["lora_B"], out)
         if kind in _MEASURED_FAMILIES and "lora_A" in by_param:
             _report_parameter_merge(ctx, configs, prefix, by_param, out)
+        ctx.advance(prefix)
         rank, scale = module_rank(ctx, ctx.names[0], configs[0], prefix), module_scaling(ctx, ctx.names[0], configs[0], prefix)
         if (rank, scale) != (int(configs[0]["r"]), scaling(configs[0])):
             ctx.merged_modules[prefix] = (rank, scale)
@@ -336,10 +337,12 @@ def _merge_updates(ctx: MergeContext, configs, units, rule: DeltaWRule) -> Tuple
         groups = [split_groups(ctx.tensors[n][b_slot], ctx.tensors[n][a_slot], r) for n, r in zip(ctx.names, ranks)]
         if len({len(g) for g in groups}) > 1:
             raise ValueError(f"The inputs fuse different numbers of projections at '{prefix}': check attn_matrices.")
+        _check_module_shapes(ctx.names, prefix, groups)
         merges[(a_slot, b_slot)] = [
             rule.decompose([g[j] for g in groups], ctx.weights, scalings, ranks, new_scaling, dtype, ctx.options, ctx.generator)
             for j in range(len(groups[0]))
         ]
+        ctx.advance(prefix)
     every = [m for group in merges.values() for m in group]
     rank = rule.choose_rank(every, ctx.options, ctx.report.notes)
     alpha = merged_alpha(new_scaling, rank)
@@ -361,6 +364,17 @@ def _merge_updates(ctx: MergeContext, configs, units, rule: DeltaWRule) -> Tuple
     if not rule.exact_target:
         _warn_if_refactorisation_loses(ctx, rank, every, len(merges))
     return rank, alpha, tensors
+
+
+def _check_module_shapes(names: Sequence[str], prefix: str, groups) -> None:
+    """Every input's update of one module must be d × k alike (ranks may differ)."""
+    shapes = [tuple((b.shape[0], a.shape[1]) for b, a in g) for g in groups]
+    if len(set(shapes)) > 1:
+        listing = ", ".join(f"'{n}': {' + '.join(f'{d}×{k}' for d, k in s)}" for n, s in zip(names, shapes))
+        raise ValueError(
+            f"The inputs' LoRA updates of '{prefix}' have different shapes ({listing}): they were trained on "
+            "different base models, and cannot be merged."
+        )
 
 
 def _warn_if_refactorisation_loses(ctx: MergeContext, rank: int, merges: Sequence[ModuleMerge], count: int) -> None:

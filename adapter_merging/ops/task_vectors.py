@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from numbers import Real
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 import torch
 
@@ -205,10 +205,10 @@ def disjoint_merge(
 
 
 def _trim(tasks: torch.Tensor, mask_of) -> torch.Tensor:
-    """τ̂ᵢ = mask_of(τᵢ) ⊙ τᵢ for each task, into one new tensor of the shape of ``tasks``."""
+    """τ̂ᵢ = mask_of(i, τᵢ) ⊙ τᵢ for each task, into one new tensor of the shape of ``tasks``."""
     trimmed = torch.empty_like(tasks)
     for i, task in enumerate(tasks):
-        trimmed[i] = _apply_mask(task, mask_of(task))
+        trimmed[i] = _apply_mask(task, mask_of(i, task))
     return trimmed
 
 
@@ -217,26 +217,39 @@ def keep_all(tasks: torch.Tensor) -> torch.Tensor:
     return tasks.clone()
 
 
-def keep_largest(tasks: torch.Tensor, density: float) -> torch.Tensor:
-    """τ̂ᵢ = magnitude_mask(τᵢ, density) ⊙ τᵢ: the top ``density`` magnitudes of each task (TIES trim)."""
-    density = check_density(density)
-    return _trim(tasks, lambda task: magnitude_mask(task, density))
+Density = Union[float, Sequence[float]]
 
 
-def keep_band(tasks: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """τ̂ᵢ = breadcrumbs_mask(τᵢ, density, gamma) ⊙ τᵢ: drop the top ``gamma``, keep the next ``density``."""
-    density, gamma = check_density(density), check_gamma(gamma)
-    return _trim(tasks, lambda task: breadcrumbs_mask(task, density, gamma))
+def per_task_density(density: Density, n: int) -> List[float]:
+    """One validated density per task: a number for every task, or a sequence of n (mergekit's
+    per-model density)."""
+    if isinstance(density, (str, bytes)) or not isinstance(density, Sequence):
+        return [check_density(density)] * n
+    if len(density) != n:
+        raise ValueError(f"density has {len(density)} values for {n} inputs: pass one number, or one per input.")
+    return [check_density(d) for d in density]
 
 
-def drop_and_rescale(tasks: torch.Tensor, density: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """DARE: τ̂ᵢ = mᵢ ⊙ τᵢ / density with one mask mᵢ ~ Bernoulli(density) drawn per task in order
+def keep_largest(tasks: torch.Tensor, density: Density) -> torch.Tensor:
+    """τ̂ᵢ = magnitude_mask(τᵢ, densityᵢ) ⊙ τᵢ: the top ``density`` magnitudes of each task (TIES trim)."""
+    densities = per_task_density(density, tasks.shape[0])
+    return _trim(tasks, lambda i, task: magnitude_mask(task, densities[i]))
+
+
+def keep_band(tasks: torch.Tensor, density: Density, gamma: float) -> torch.Tensor:
+    """τ̂ᵢ = breadcrumbs_mask(τᵢ, densityᵢ, gamma) ⊙ τᵢ: drop the top ``gamma``, keep the next ``density``."""
+    densities, gamma = per_task_density(density, tasks.shape[0]), check_gamma(gamma)
+    return _trim(tasks, lambda i, task: breadcrumbs_mask(task, densities[i], gamma))
+
+
+def drop_and_rescale(tasks: torch.Tensor, density: Density, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """DARE: τ̂ᵢ = mᵢ ⊙ τᵢ / densityᵢ with one mask mᵢ ~ Bernoulli(densityᵢ) drawn per task in order
     i = 0 … n−1 from ``generator``."""
-    density = check_density(density)
+    densities = per_task_density(density, tasks.shape[0])
     dropped = torch.empty_like(tasks)
-    for i in range(tasks.shape[0]):
-        keep = dare_mask(tasks.shape[1:], density, generator).to(tasks.device)
-        dropped[i] = torch.where(keep, tasks[i] / density, torch.zeros_like(tasks[i]))
+    for i, density_i in enumerate(densities):
+        keep = dare_mask(tasks.shape[1:], density_i, generator).to(tasks.device)
+        dropped[i] = torch.where(keep, tasks[i] / density_i, torch.zeros_like(tasks[i]))
     return dropped
 
 

@@ -1,0 +1,224 @@
+"""Reading and writing adapter folders safely: lazy tensors, no code execution, atomic output.
+
+* Weights are read only through safetensors or ``torch.load(weights_only=True)`` (which refuses a
+  pickle that would run code); both are opened lazily (safetensors: one tensor per read; torch's
+  zip format: memory-mapped), so a merge reads one module at a time.
+* An output folder is written into a temporary sibling and renamed into place when complete: an
+  interrupted or failed run leaves no folder.
+* An input that is not a local folder is resolved as a Hugging Face Hub id (``org/name`` or
+  ``org/name@revision``) through ``huggingface_hub``, from its cache when ``HF_HUB_OFFLINE=1``.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import shutil
+import tempfile
+import uuid
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class InputError(ValueError):
+    """A problem with an input folder or file (the message names it and says what to do)."""
+
+
+# ----------------------------------------------------------------------------- lazy tensors
+class LazyFile(Mapping):
+    """{key: tensor} of one weights file, read on demand; ``dtype_of(key)`` without reading."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        if path.suffix == ".safetensors":
+            self._open_safetensors()
+        else:
+            self._open_pickle()
+
+    def _open_safetensors(self) -> None:
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            self._handle = safe_open(str(self.path), framework="pt", device="cpu")
+            self._keys = list(self._handle.keys())
+            slices = {k: self._handle.get_slice(k) for k in self._keys}
+            self._dtypes = {k: _SAFETENSORS_DTYPES.get(v.get_dtype()) for k, v in slices.items()}
+            self._shapes = {k: tuple(v.get_shape()) for k, v in slices.items()}
+        except (SafetensorError, OSError, ValueError) as error:
+            raise InputError(f"{self.path} is not a readable safetensors file ({error}): re-save or re-download it.") from None
+        self._tensors: Optional[Dict[str, torch.Tensor]] = None
+
+    def _open_pickle(self) -> None:
+        try:
+            with warnings.catch_warnings():  # torch's notes about pickle protocols are not the user's concern
+                warnings.simplefilter("ignore")
+                try:
+                    tensors = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+                    tensors = torch.load(self.path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            why = next((line for line in lines if "Unsupported" in line or "global" in line.lower()), lines[0] if lines else "")
+            raise InputError(
+                f"{self.path} was refused: it is a pickle that would run code or load objects other than tensors "
+                f"({why[:160]}). Only safetensors files and plain tensor pickles are read; convert it to "
+                "safetensors where it came from, if you trust it."
+            ) from None
+        except Exception as error:  # a truncated or corrupted file
+            raise InputError(f"{self.path} is not a readable weights file ({type(error).__name__}: {error}).") from None
+        if not isinstance(tensors, Mapping) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+            raise InputError(f"{self.path} does not hold a dict of tensors (a state dict).")
+        self._tensors = dict(tensors)
+        self._keys = list(self._tensors)
+        self._dtypes = {k: t.dtype for k, t in self._tensors.items()}
+        self._shapes = {k: tuple(t.shape) for k, t in self._tensors.items()}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if self._tensors is not None:
+            return self._tensors[key]
+        if key not in self._dtypes:
+            raise KeyError(key)
+        return self._handle.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def dtype_of(self, key: str) -> torch.dtype:
+        return self._dtypes[key]
+
+    def shape_of(self, key: str) -> Tuple[int, ...]:
+        return self._shapes[key]
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+class Renamed(Mapping):
+    """A lazy mapping seen through new keys: {new key: source[old key]}, with ``dtype_of``."""
+
+    def __init__(self, source: Mapping, keys: Mapping, transform: Optional[Callable] = None) -> None:
+        self.source, self.keys_map, self.transform = source, dict(keys), transform
+
+    def __getitem__(self, key):
+        tensor = self.source[self.keys_map[key]]
+        return self.transform(key, tensor) if self.transform else tensor
+
+    def __iter__(self):
+        return iter(self.keys_map)
+
+    def __len__(self) -> int:
+        return len(self.keys_map)
+
+    def dtype_of(self, key) -> torch.dtype:
+        source_dtype = getattr(self.source, "dtype_of", None)
+        return source_dtype(self.keys_map[key]) if source_dtype else self.source[self.keys_map[key]].dtype
+
+
+def placed(tensors: Mapping, device: Optional[str] = None, dtype: Optional[torch.dtype] = None) -> Mapping:
+    """``tensors`` read onto ``device`` and, for floating tensors, in ``dtype`` (None: as stored)."""
+    if device is None and dtype is None:
+        return tensors
+
+    def move(key, tensor: torch.Tensor) -> torch.Tensor:
+        wanted = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+        return tensor.to(device=device or tensor.device, dtype=wanted)
+
+    placed_ = Renamed(tensors, {k: k for k in tensors}, move)
+    if dtype is not None:
+        original = placed_.dtype_of
+        placed_.dtype_of = lambda key: dtype if original(key).is_floating_point else original(key)  # type: ignore[method-assign]
+    return placed_
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def first_existing(folder: Path, names: Sequence[str]) -> Optional[Path]:
+    return next((folder / n for n in names if (folder / n).is_file()), None)
+
+
+# ----------------------------------------------------------------------------- inputs: folders or Hub ids
+def resolve_folder(source: PathLike) -> Tuple[Path, str]:
+    """(local folder, how it was given) of an input: a folder, or a Hub id resolved to its snapshot."""
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return path, text
+    if path.exists():
+        raise InputError(f"{text} is a file, not an adapter folder: pass the folder that holds adapter_config.json.")
+    repo_id, _, revision = text.partition("@")
+    if repo_id.count("/") != 1 or repo_id.startswith(("/", ".", "~")) or os.sep in repo_id.replace("/", "", 1):
+        raise InputError(f"{text} is not a folder (and not a Hugging Face Hub id like 'org/name'): check the path.")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(
+            repo_id, revision=revision or None,
+            allow_patterns=["*.json", "*.safetensors", "*.bin"],
+        )
+    except Exception as error:  # offline and not cached, unknown repo, no network
+        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+        where = "in the local Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else "on the Hugging Face Hub"
+        raise InputError(
+            f"{text} is not a folder and could not be found {where}: {type(error).__name__}. Pass a local folder, "
+            "or download the adapter first (huggingface-cli download …)."
+        ) from None
+    return Path(local), text
+
+
+# ----------------------------------------------------------------------------- the output folder
+def check_output(output: Path, overwrite_ok: bool, inputs: Sequence[Path]) -> None:
+    """Refuse a non-empty existing output (unless ``overwrite_ok``), a file, or an input as output."""
+    if output.exists() and not output.is_dir():
+        raise InputError(f"The output {output} is a file: pass a folder (it is created).")
+    resolved = output.resolve()
+    for folder in inputs:
+        if folder.resolve() == resolved:
+            raise InputError(f"The output {output} is one of the inputs: choose another folder (inputs are never modified).")
+    if output.is_dir() and any(output.iterdir()) and not overwrite_ok:
+        raise InputError(
+            f"The output folder {output} exists and is not empty. Pass overwrite_ok=True (--force on the command "
+            "line) to replace it, or choose another folder."
+        )
+
+
+@contextmanager
+def atomic_folder(output: Path, overwrite_ok: bool) -> Iterator[Path]:
+    """Yield a temporary folder beside ``output``; when the block completes, it becomes ``output``
+    (replacing an existing one only with ``overwrite_ok``). On any failure — an exception or an
+    interrupt — the temporary folder is removed and ``output`` is as it was."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    try:
+        yield staging
+        if output.is_dir() and any(output.iterdir()):
+            if not overwrite_ok:  # appeared while we were merging
+                raise InputError(f"The output folder {output} was filled while merging; nothing was written.")
+            old = output.with_name(f".{output.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(output, old)
+            os.replace(staging, output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            if output.is_dir():
+                output.rmdir()
+            os.replace(staging, output)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
