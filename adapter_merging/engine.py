@@ -18,7 +18,7 @@ import torch
 from adapters import ConfigUnion
 
 from .methods import METHODS
-from .methods.base import Method, MergeContext
+from .methods.base import Method, MergeContext, dtype_of
 from .ops import resolve_weights
 from .ops.linear import result_dtype
 from .report import MergeReport
@@ -236,12 +236,6 @@ def _refuse_incomplete(first: str, other: str, mine: Mapping[Any, Slot], theirs:
         "or they were not created with the same configuration on the same model. Merge only complete adapters "
         f"(reload '{lacking}')."
     )
-
-
-def dtype_of(tensors: Tensors, slot: Slot) -> torch.dtype:
-    """The dtype of one input tensor, without reading it where the mapping knows it (lazy inputs)."""
-    known = getattr(tensors, "dtype_of", None)
-    return known(slot) if known else tensors[slot].dtype
 
 
 def promote_dtypes(names: Sequence[str], tensors: Mapping[str, Tensors], report: MergeReport) -> Dict[str, Tensors]:

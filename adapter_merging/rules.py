@@ -24,11 +24,13 @@ from .ops import task_vectors
 from .ops.dense_svd import dense_low_rank, dense_relative_error
 from .ops.lowrank import (
     LowRankSVD,
+    difference_norm,
     factored_svd,
     lowrank_frobenius_norm,
     pad_factors,
     rounding_floor,
     select_rank,
+    split_and_measure,
     split_factors,
     stack_factors,
 )
@@ -55,41 +57,32 @@ class ParameterRule(Rule):
 
 
 # ----------------------------------------------------------------------------- updates ΔW
+#: a target whose rounding floor is above this fraction of it is measured against its stacked factors
+#: (QR-based, exact to the floor) instead of against its SVD (`split_and_measure`: products only)
+CANCELLING = 1e-9
+
+
 @dataclass
 class ModuleMerge:
-    """One module's (one fused group's) merged update: how to store it at a rank, and how far that
-    is from its target. Exact rules keep the target as stacked factors and the stored factors are
-    measured against it; task-vector rules measure their stored factors against the dense merge
-    when they make them, since the dense d × k target is not kept."""
+    """One module's (one fused group's) merged update, as stored: its factors at the module's own rank
+    (in the stored dtype, for the merged scaling) and what they cost, measured when they were made,
+    while the target was at hand. Other modules may need a higher rank: `factors` pads with zeros."""
 
+    stored: Factors  # (B, A) at this module's own rank
     ref_sq: float  # ‖target‖²_F
     floor_sq: float  # squared rounding floor of the target (see ops.lowrank.rounding_floor)
-    target: Optional[Factors] = None  # exact target (B_cat, A_cat), float64
-    svd: Optional[LowRankSVD] = None  # SVD of the target (exact SVD) or of the dense merge (task vectors)
-    stored: Optional[Factors] = None  # task vectors: factors at their own rank, in the stored dtype
-    stored_error_sq: float = 0.0  # task vectors: ‖dense merge − s·B·A‖² of ``stored``, measured densely
+    diff_sq: float  # ‖scaling·B·A − target‖²_F of ``stored``
+    kept_sq: float  # ‖kept part of the target‖²: the energy a truncation kept
+    available: int  # the rank the merged update has (the most a module could be given)
+    exact: bool = False  # ``stored`` is proven to reproduce the target exactly
 
-    def factors(self, rank: int, scaling: float, dtype: torch.dtype) -> Factors:
-        """(B, A) of rank ``rank`` with scaling·B·A the (truncated) merged update, in ``dtype``."""
-        if self.stored is not None:  # own rank ≤ rank: pad with zeros (exact, unused)
-            return pad_factors(*self.stored, rank)
-        if self.svd is None:  # the stacked factors themselves (padded where other modules have more)
-            b_cat, a_cat = self.target
-            return pad_factors((b_cat / scaling).to(dtype), a_cat.to(dtype), rank)
-        return split_factors(self.svd, rank, scaling, dtype)
+    @property
+    def rank(self) -> int:
+        return int(self.stored[0].shape[1])
 
-    def energy_kept(self, rank: int) -> float:
-        if self.svd is None:
-            return 1.0
-        kept = self.svd.S[:rank] if self.stored is None else self.svd.S
-        return float((kept.to(torch.float64) ** 2).sum()) / self.ref_sq if self.ref_sq else 1.0
-
-    def rank_for(self, tol: Optional[float]) -> int:
-        """The rank this module needs: a re-factorised update was truncated to it already; an exact
-        SVD is truncated by ``tol`` here (None: its exact rank)."""
-        if self.stored is not None:
-            return int(self.svd.S.numel())
-        return select_rank(self.svd.S, None, tol) if tol is not None else int((self.svd.S > 0).sum())
+    def factors(self, rank: int) -> Factors:
+        """(B, A) of rank ``rank`` ≥ this module's own: zero columns of B and rows of A (the same update)."""
+        return pad_factors(*self.stored, rank)
 
 
 class DeltaWRule(Rule):
@@ -110,44 +103,52 @@ class DeltaWRule(Rule):
         generator: Optional[torch.Generator],
     ) -> ModuleMerge:
         """The merged update of one module from its inputs' factors (Bᵢ, Aᵢ), weights λᵢ, scalings sᵢ
-        and ranks rᵢ, to be stored with ``scaling`` in ``dtype``."""
+        and ranks rᵢ, stored with ``scaling`` in ``dtype`` at the rank the options give this module."""
         raise NotImplementedError  # pragma: no cover - every registered rule is a subclass that defines it
 
-    def default_rank(self, merges: Sequence[ModuleMerge]) -> int:
-        """The rank without ``svd_rank`` or ``svd_tol``."""
-        return max(merge.svd.S.numel() for merge in merges)
-
     def choose_rank(self, merges: Sequence[ModuleMerge], options: Mapping[str, Any], notes: List[str]) -> int:
-        """One rank for every module of the adapter (a LoRA configuration has a single r):
-        ``svd_rank`` capped at what the updates have (with a note), else with ``svd_tol`` the largest
-        rank a module needs, else `default_rank`."""
-        svd_rank, tol = options.get("svd_rank"), options.get("svd_tol")
-        available = max(merge.svd.S.numel() for merge in merges)
-        if svd_rank is not None:
-            if svd_rank > available:
-                notes.append(f"svd_rank={svd_rank} exceeds the rank of the merged update ({available}); used {available}.")
-            return max(1, min(svd_rank, available))
-        if tol is not None:
-            return max(1, max(merge.rank_for(tol) for merge in merges))
-        return max(1, self.default_rank(merges))
+        """One rank for every module of the adapter (a LoRA configuration has a single r): the largest a
+        module was given; modules given fewer are zero-padded (exactly the same update)."""
+        svd_rank = options.get("svd_rank")
+        available = max(merge.available for merge in merges)
+        if svd_rank is not None and svd_rank > available:
+            notes.append(f"svd_rank={svd_rank} exceeds the rank of the merged update ({available}); used {available}.")
+        return max(1, max(merge.rank for merge in merges))
+
+
+def own_rank(singular_values: torch.Tensor, options: Mapping[str, Any], default: int) -> int:
+    """The rank one module is given: ``svd_rank`` (capped at what it has), or the smallest whose relative
+    error is ≤ ``svd_tol``, or ``default``."""
+    if options.get("svd_rank") is not None:
+        return min(int(options["svd_rank"]), int(singular_values.numel()))
+    if options.get("svd_tol") is not None:
+        return select_rank(singular_values, None, options["svd_tol"])
+    return default
 
 
 @dataclass(frozen=True)
 class ExactSVD(DeltaWRule):
     """ΔW = Σ λᵢ sᵢ Bᵢ Aᵢ = B_cat·A_cat, its exact SVD from the factors (two thin QRs and an R × R
-    SVD); singular values below the rounding floor are zero. Default rank: the exact (numerical) rank."""
+    SVD), singular values below the rounding floor counted as zero; truncated to ``svd_rank``, to
+    ``svd_tol``, or by default to the exact (numerical) rank, and split B = U√(S/s), A = √(S/s)Vh."""
 
     option_names = ("svd_rank", "svd_tol")
 
     def decompose(self, factors, weights, scalings, ranks, scaling, dtype, options, generator) -> ModuleMerge:
-        stacked = stack_factors(factors, [w * s for w, s in zip(weights, scalings)])
-        floor = rounding_floor(*stacked)
-        svd = factored_svd(*stacked)
-        svd = svd._replace(S=torch.where(svd.S > floor, svd.S, torch.zeros_like(svd.S)))
-        return ModuleMerge(float((svd.S.to(torch.float64) ** 2).sum()), floor**2, target=stacked, svd=svd)
-
-    def default_rank(self, merges) -> int:
-        return max(merge.rank_for(None) for merge in merges)
+        target = stack_factors(factors, [w * s for w, s in zip(weights, scalings)])
+        floor = rounding_floor(*target)
+        svd = factored_svd(*target)
+        values = torch.where(svd.S > floor, svd.S, torch.zeros_like(svd.S))
+        ref_sq = float((svd.S.to(torch.float64) ** 2).sum())
+        rank = own_rank(values, options, int((values > 0).sum()))
+        kept_sq = float((values[:rank].to(torch.float64) ** 2).sum())
+        if floor**2 > CANCELLING**2 * ref_sq:  # nearly cancelling: measure against the stacked factors (QR)
+            stored = split_factors(svd._replace(S=values), rank, scaling, dtype)
+            diff, exact = difference_norm(*stored, *target, scaling)
+            return ModuleMerge(stored, ref_sq, floor**2, diff**2, kept_sq, int(svd.S.numel()), exact)
+        # against the SVD (the target to far below its rounding floor): truncation and storage, by products
+        stored, diff_sq = split_and_measure(svd, rank, scaling, dtype)
+        return ModuleMerge(stored, ref_sq, floor**2, diff_sq, kept_sq, int(svd.S.numel()))
 
 
 @dataclass(frozen=True)
@@ -155,11 +156,11 @@ class Concat(DeltaWRule):
     """B = [λ₁s₁B₁ … λₙsₙBₙ]/s, A = [A₁; …; Aₙ]: exact, rank Σ rᵢ, no SVD."""
 
     def decompose(self, factors, weights, scalings, ranks, scaling, dtype, options, generator) -> ModuleMerge:
-        stacked = stack_factors(factors, [w * s for w, s in zip(weights, scalings)])
-        return ModuleMerge(lowrank_frobenius_norm(*stacked) ** 2, rounding_floor(*stacked) ** 2, target=stacked)
-
-    def choose_rank(self, merges, options, notes) -> int:
-        return max(merge.target[0].shape[1] for merge in merges)  # Σ rᵢ (the largest, if modules differ)
+        b_cat, a_cat = target = stack_factors(factors, [w * s for w, s in zip(weights, scalings)])
+        stored = ((b_cat / scaling).to(dtype), a_cat.to(dtype))
+        diff, exact = difference_norm(*stored, *target, scaling)
+        ref_sq = lowrank_frobenius_norm(*target) ** 2
+        return ModuleMerge(stored, ref_sq, rounding_floor(*target) ** 2, diff**2, ref_sq, int(b_cat.shape[1]), exact)
 
 
 @dataclass(frozen=True)
@@ -227,10 +228,12 @@ class TaskVectors(DeltaWRule):
         stored = split_factors(svd, svd.S.numel(), scaling, dtype)  # what is written, measured as written
         error = dense_relative_error(dense, stored[0], stored[1], scaling)
         ref_sq = float((dense.to(torch.float64) ** 2).sum())
+        kept_sq = float((svd.S.to(torch.float64) ** 2).sum())
         # the dense merge is computed in `compute`: a product of rank rᵢ and a sum of n tasks per entry
         eps = torch.finfo(compute).eps
         floor = eps * sum(
             (r + len(factors)) * abs(c) * float(b.double().norm()) * float(a.double().norm())
             for (b, a), c, r in zip(factors, [w * s for w, s in zip(weights, scalings)], ranks)
         )
-        return ModuleMerge(ref_sq, floor**2, svd=svd, stored=stored, stored_error_sq=(error**2) * ref_sq)
+        available = min(dense.shape)
+        return ModuleMerge(stored, ref_sq, floor**2, (error**2) * ref_sq, kept_sq, available)

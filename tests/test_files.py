@@ -413,3 +413,17 @@ def test_peft_dora_is_refused_clearly(tmp_path):
     with pytest.raises(ValueError, match="use_dora=True.*DoRA"):
         merge_saved_adapters([tmp_path / "d0", tmp_path / "d1"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_safetensors_are_written_one_tensor_at_a_time_in_the_standard_format(tmp_path):
+    from safetensors import safe_open
+
+    from adapter_merging.files.io import write_safetensors
+
+    tensors = {"b.weight": torch.randn(3, 5), "a": torch.randn(7).to(torch.bfloat16), "i": torch.arange(6).reshape(2, 3),
+               "h": torch.randn(2, 2).half(), "empty": torch.zeros(0, 4), "f64": torch.randn(2, dtype=torch.float64)}
+    write_safetensors(tmp_path / "x.safetensors", tensors, {"format": "pt"})
+    with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as handle:
+        assert handle.metadata() == {"format": "pt"}
+        for key, tensor in tensors.items():
+            assert torch.equal(handle.get_tensor(key), tensor) and handle.get_tensor(key).dtype == tensor.dtype

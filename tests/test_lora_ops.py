@@ -22,6 +22,7 @@ from adapter_merging.ops.lowrank import (
     stack_factors,
     measured_error,
     rounding_floor,
+    split_and_measure,
     truncation_error,
 )
 
@@ -281,3 +282,22 @@ def test_measured_error_proves_an_exact_concatenation():
     assert measured_error([(b_cat / 4.0, a_cat)], [(b_cat, a_cat)], 4.0) == (0.0, 0.0)
     error, _ = measured_error([((b_cat / 4.0).float(), a_cat.float())], [(b_cat, a_cat)], 4.0)
     assert 0 < error < 1e-6  # float32 storage: not exact, measured
+
+
+@SETTINGS
+@given(
+    factor_lists(), st.integers(1, 12), st.sampled_from([2.5, 1e-3, -1.0]),
+    st.sampled_from([torch.float64, torch.float32, torch.float16, torch.bfloat16]),
+)
+def test_split_and_measure_equals_the_dense_error_or_bounds_it(case, rank, scaling, dtype):
+    """The error of factors cut from an SVD and stored in ``dtype``, by q × q products: equal to the dense
+    ‖s·B̃·Ã − U S Vh‖ up to its second-order term, which is added as a bound (never less)."""
+    factors, coefficients = case
+    svd = factored_svd(*stack_factors(factors, coefficients))
+    (b, a), error_sq = split_and_measure(svd, rank, scaling, dtype)
+    expected_b, expected_a = split_factors(svd, rank, scaling, dtype)
+    assert torch.equal(b, expected_b) and torch.equal(a, expected_a)
+    dense = float(torch.linalg.matrix_norm(scaling * (b.double() @ a.double()) - (svd.U * svd.S) @ svd.Vh))
+    scale = float(torch.linalg.vector_norm(svd.S)) or 1.0
+    assert math.sqrt(error_sq) >= dense * (1 - 1e-6) - 1e-12 * scale
+    assert math.sqrt(error_sq) <= dense * 1.02 + 1e-12 * scale

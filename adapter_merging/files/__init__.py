@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from importlib import metadata
 import platform
 import time
 from pathlib import Path
@@ -194,11 +195,9 @@ def _recipe(saved: List[SavedAdapter], report: MergeReport, strategy, normalize,
     import torch
 
     versions = {"adapter_merging": __version__, "adapters": adapters.__version__, "torch": torch.__version__}
-    try:
-        import peft
-
-        versions["peft"] = peft.__version__
-    except ImportError:
+    try:  # its version without importing it (an import of peft takes a second)
+        versions["peft"] = metadata.version("peft")
+    except metadata.PackageNotFoundError:
         pass
     return {
         "schema": 1,

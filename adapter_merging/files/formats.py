@@ -28,7 +28,7 @@ import torch
 from ..engine import AdapterInput, MergeResult
 from ..methods.heads import HeadConfig
 from ..state import ADAPTER_CONTAINERS, HEAD_CONTAINERS, Slot, parse_key
-from .io import InputError, LazyFile, Renamed, first_existing
+from .io import InputError, LazyFile, Renamed, first_existing, write_safetensors
 
 CONFIG = "adapter_config.json"
 
@@ -298,8 +298,6 @@ def check_frozen(inputs: List[SavedAdapter]) -> Dict[str, torch.Tensor]:
 def write_peft_format(folder: Path, inputs: List[SavedAdapter], result: MergeResult, saved_modules: Optional[MergeResult]) -> List[str]:
     """Write ``result`` as PEFT's ``save_pretrained`` does (``adapter_config.json`` +
     ``adapter_model.safetensors``), loadable by ``PeftModel.from_pretrained``."""
-    from safetensors.torch import save_file
-
     first = inputs[0]
     metadata = copy.deepcopy(first.metadata)
     layouts: Dict[str, Layout] = {}
@@ -333,5 +331,5 @@ def write_peft_format(folder: Path, inputs: List[SavedAdapter], result: MergeRes
         metadata["modules_to_save"] = None
     tensors.update({k: v.contiguous() for k, v in check_frozen(inputs).items()})
     (folder / CONFIG).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    write_safetensors(folder / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
     return [CONFIG, "adapter_model.safetensors"]

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import shutil
@@ -19,7 +20,7 @@ import uuid
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -140,6 +141,30 @@ def placed(tensors: Mapping, device: Optional[str] = None, dtype: Optional[torch
         original = placed_.dtype_of
         placed_.dtype_of = lambda key: dtype if original(key).is_floating_point else original(key)  # type: ignore[method-assign]
     return placed_
+
+
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+
+
+def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> None:
+    """Write ``tensors`` in the safetensors format one tensor at a time (``safetensors.torch.save_file``
+    first copies every tensor into one buffer, doubling the output's memory). The format: an 8-byte
+    little-endian header length, a JSON header of dtypes, shapes and byte offsets, then the raw data."""
+    header: Dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for key in sorted(tensors):
+        tensor = tensors[key]
+        size = tensor.numel() * tensor.element_size()
+        header[key] = {"dtype": _SAFETENSORS_NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as handle:
+        handle.write(len(encoded).to_bytes(8, "little"))
+        handle.write(encoded)
+        for key in sorted(tensors):
+            data = tensors[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+            handle.write(memoryview(data.numpy()))
 
 
 def sha256(path: Path) -> str:

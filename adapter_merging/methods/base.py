@@ -48,6 +48,12 @@ class MergeContext:
         return MergeContext(self.names, list(weights), self.tensors, self.strategy, self.options, self.report)
 
 
+def dtype_of(tensors: Tensors, slot: Slot) -> torch.dtype:
+    """The dtype of one input tensor, without reading it where the mapping knows it (lazy inputs)."""
+    known = getattr(tensors, "dtype_of", None)
+    return known(slot) if known else tensors[slot].dtype
+
+
 def linear_merge(ctx: MergeContext, slots: Sequence[Slot], weights_for: Optional[Callable] = None) -> Dict[Slot, torch.Tensor]:
     """Φ = Σ wᵢ Φᵢ at every slot, with wᵢ = ``weights_for(param, λ)`` (default: λᵢ)."""
     merged = {}

@@ -44,7 +44,7 @@ from ..ops.lowrank import measured_error, relative_error
 from ..rules import DeltaWRule, ModuleMerge, ParameterRule
 from ..state import Slot
 from ..strategies import FAMILY_DESCRIPTIONS
-from .base import Method, MergeContext, group_by, linear_merge
+from .base import Method, MergeContext, dtype_of, group_by, linear_merge
 
 Factors = Tuple[torch.Tensor, torch.Tensor]  # (B, A)
 
@@ -107,6 +107,8 @@ def split_groups(b: torch.Tensor, a: torch.Tensor, r: int) -> List[Factors]:
 
 
 def join_groups(groups: Sequence[Factors]) -> Factors:
+    if len(groups) == 1:
+        return groups[0]
     return torch.cat([b for b, _ in groups], dim=0), torch.cat([a for _, a in groups], dim=0)
 
 
@@ -333,7 +335,7 @@ def _merge_updates(ctx: MergeContext, configs, units, rule: DeltaWRule) -> Tuple
         a_slot = next(s for s in slots if s.param == "lora_A")
         b_slot = a_slot.replace_param("lora_B")
         ranks, scalings = per_module[prefix]
-        dtype = ctx.inputs(a_slot)[0].dtype
+        dtype = dtype_of(ctx.tensors[ctx.names[0]], a_slot)
         groups = [split_groups(ctx.tensors[n][b_slot], ctx.tensors[n][a_slot], r) for n, r in zip(ctx.names, ranks)]
         if len({len(g) for g in groups}) > 1:
             raise ValueError(f"The inputs fuse different numbers of projections at '{prefix}': check attn_matrices.")
@@ -346,23 +348,25 @@ def _merge_updates(ctx: MergeContext, configs, units, rule: DeltaWRule) -> Tuple
     every = [m for group in merges.values() for m in group]
     rank = rule.choose_rank(every, ctx.options, ctx.report.notes)
     alpha = merged_alpha(new_scaling, rank)
+    full, count = max(m.available for m in every), len(merges)
+    del every
     tensors: Dict[Slot, torch.Tensor] = {}
-    for (a_slot, b_slot), group_merges in merges.items():
-        like = ctx.inputs(a_slot)[0]
-        stored = [m.factors(rank, new_scaling, like.dtype) for m in group_merges]
-        b, a = join_groups(stored)
-        tensors[a_slot], tensors[b_slot] = a.to(like.device), b.to(like.device)
+    for key in list(merges):
+        (a_slot, b_slot), group_merges = key, merges.pop(key)  # each module's merge is dropped once written
+        b, a = join_groups([m.factors(rank) for m in group_merges])
+        device = ctx.inputs(a_slot)[0].device
+        tensors[a_slot], tensors[b_slot] = a.to(device), b.to(device)
         ref_sq = sum(m.ref_sq for m in group_merges)
-        kept = sum(m.energy_kept(rank) * m.ref_sq for m in group_merges) / ref_sq if ref_sq else 1.0
-        if rule.exact_target:  # the stored factors against the exact target
-            error, floor = measured_error(stored, [m.target for m in group_merges], new_scaling)
-        else:  # measured when they were made (the dense target is not kept)
+        kept = sum(m.kept_sq for m in group_merges) / ref_sq if ref_sq else 1.0
+        if all(m.exact for m in group_merges):
+            error, floor = 0.0, 0.0
+        else:
             error, floor = relative_error(
-                sum(m.stored_error_sq for m in group_merges), ref_sq, sum(m.floor_sq for m in group_merges)
+                sum(m.diff_sq for m in group_merges), ref_sq, sum(m.floor_sq for m in group_merges)
             )
-        ctx.report.add(a_slot.prefix, error, kept, rank, rounding_floor=floor)
+        ctx.report.add(a_slot.prefix, error, min(kept, 1.0), rank, rounding_floor=floor)
     if not rule.exact_target:
-        _warn_if_refactorisation_loses(ctx, rank, every, len(merges))
+        _warn_if_refactorisation_loses(ctx, rank, full, count)
     return rank, alpha, tensors
 
 
@@ -377,15 +381,14 @@ def _check_module_shapes(names: Sequence[str], prefix: str, groups) -> None:
         )
 
 
-def _warn_if_refactorisation_loses(ctx: MergeContext, rank: int, merges: Sequence[ModuleMerge], count: int) -> None:
+def _warn_if_refactorisation_loses(ctx: MergeContext, rank: int, full: int, count: int) -> None:
     """Warn when re-factorising the dense merge lost more than 10 % in some of the ``count`` modules
-    just reported."""
+    just reported (``full``: the largest rank a module's merge has)."""
     modules = ctx.report.modules[-count:]
     off = [m for m in modules if m.relative_error > max(REFACTOR_WARNING_THRESHOLD, m.rounding_floor)]
     if not off:
         return
     worst = max(m.relative_error for m in modules)
-    full = max(min(m.svd.U.shape[0], m.svd.Vh.shape[1]) for m in merges)
     how = "the default rank Σ rᵢ" if ctx.options.get("svd_rank") is None else f"svd_rank={ctx.options['svd_rank']}"
     warn(
         f"combine_strategy='{ctx.strategy.name}' re-factorised the merged updates to rank {rank} ({how}) and lost "

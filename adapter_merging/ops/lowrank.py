@@ -117,6 +117,59 @@ def lowrank_frobenius_norm(b: torch.Tensor, a: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(r_b @ r_a.T))
 
 
+def split_and_measure(
+    svd: LowRankSVD, rank: int, scaling: float, dtype: torch.dtype
+) -> tuple[tuple[torch.Tensor, torch.Tensor], float]:
+    """(`split_factors` of ``svd`` at ``rank`` stored in ``dtype``, ‖scaling·B̃·Ã − U·diag(S)·Vh‖²_F).
+
+    With B = U_q D, A = D Vh_q (D = √(S_q/s), float64) and their stored roundings B̃ = B + δB,
+    Ã = A + δA, the difference is s(δB·A + B·δA + δB·δA) − U_tail S_tail Vh_tail, whose first part is
+    orthogonal to the tail; and since U_q has orthonormal columns and Vh_q orthonormal rows,
+    ‖δB·A‖ = ‖δB·D‖, ‖B·δA‖ = ‖D·δA‖ and ⟨δB·A, B·δA⟩ = ±tr(D·(δBᵀU_q)·D·(δA·Vh_qᵀ)). So the error
+    costs two q × q products, not a product of the d × k matrices; the second-order δB·δA is bounded
+    by ‖δB‖‖δA‖ and added in full."""
+    kept = min(rank, svd.S.numel())
+    b64, a64 = split_factors(svd, rank, scaling)
+    b, a = b64.to(dtype), a64.to(dtype)
+    tail_sq = float((svd.S[kept:].to(torch.float64) ** 2).sum())
+    if dtype == torch.float64:
+        return (b, a), tail_sq
+    delta_b, delta_a = (b.to(torch.float64) - b64)[:, :kept], (a.to(torch.float64) - a64)[:kept]
+    root = torch.sqrt(svd.S[:kept].to(torch.float64) / abs(scaling))
+    u, vh = svd.U[:, :kept].to(torch.float64), svd.Vh[:kept].to(torch.float64)
+    first = float(torch.linalg.vector_norm(delta_b * root)) ** 2 + float(torch.linalg.vector_norm(root[:, None] * delta_a)) ** 2
+    # B = sign(s)·U_q·D: the cross term Σᵢⱼ DᵢXᵢⱼDⱼYⱼᵢ carries the sign
+    cross = math.copysign(1.0, scaling) * float((root[:, None] * (delta_b.T @ u) * root * (delta_a @ vh.T).T).sum())
+    second = float(delta_b.norm()) * float(delta_a.norm())
+    cast_sq = scaling**2 * (max(0.0, first + 2.0 * cross) ** 0.5 + second) ** 2
+    return (b, a), tail_sq + cast_sq
+
+
+def svd_difference_norm(svd: LowRankSVD, b: torch.Tensor, a: torch.Tensor, scaling: float = 1.0) -> float:
+    """‖scaling·B·A − U·diag(S)·Vh‖_F with matrix products of width at most max(q, r), no QR.
+
+    With P = UᵀB', B⊥ = B' − U·P (B' = scaling·B) and Pₐ = A·Vhᵀ, A⊥ = A − Pₐ·Vh, the difference is
+    U(P·Pₐ − S)Vh + U·P·A⊥ + B⊥·Pₐ·Vh + B⊥·A⊥, four mutually orthogonal terms (UᵀB⊥ = 0, A⊥Vhᵀ = 0),
+    so its squared norm is the sum of theirs. Measures factors cut from an SVD against that SVD: the
+    first term carries the truncation, the others the rounding of the stored factors. The SVD differs
+    from the product it decomposes by the rounding floor of that product (`rounding_floor`).
+    """
+    u, s, vh = (t.to(torch.float64) for t in svd)
+    b64, a64 = b.to(torch.float64) * float(scaling), a.to(torch.float64)
+    p = u.T @ b64
+    b_perp = b64 - u @ p
+    p_a = a64 @ vh.T
+    a_perp = a64 - p_a @ vh
+    core = p @ p_a - torch.diag(s)
+    total = (
+        float((core**2).sum())
+        + float(((p @ a_perp) ** 2).sum())
+        + float(((b_perp @ p_a) ** 2).sum())
+        + max(0.0, float(((b_perp.T @ b_perp) * (a_perp @ a_perp.T)).sum()))  # second order: rounding²
+    )
+    return math.sqrt(total)
+
+
 def lowrank_relative_error(
     b: torch.Tensor, a: torch.Tensor, b_ref: torch.Tensor, a_ref: torch.Tensor
 ) -> float:
@@ -203,6 +256,8 @@ __all__ = [
     "split_factors",
     "lowrank_frobenius_norm",
     "lowrank_relative_error",
+    "svd_difference_norm",
+    "split_and_measure",
     "rounding_floor",
     "difference_norm",
     "relative_error",

@@ -1,0 +1,191 @@
+"""Merging a 7B-shaped set of saved LoRA adapters from files, against the floor of the same work done plainly.
+
+Setup: three PEFT-format LoRA adapters generated into a temporary folder (random, seeded; nothing is
+downloaded): 32 layers × q, k, v, o (4096 × 4096), gate, up (11008 × 4096) and down (4096 × 11008),
+rank 16, alpha 16, float32, 224 modules and 160 MB per adapter. Merge: ``lora_delta_w_svd`` at the exact rank
+(48), weights [1, −1, 1], ``normalize_weights=False``.
+
+Measured in one run, the floor and the merge interleaved ``--repeats`` times (medians):
+
+* **merge** — ``merge_saved_adapters`` (read, merge, measure, write the output folder and its report);
+* **floor** — the same work done plainly: read every input with ``safetensors.torch.load_file``; per
+  module a float64 factored SVD (two thin QRs and the 48 × 48 core SVD) and the output factors;
+  write them with ``safetensors.torch.save_file`` — each part timed;
+* **CLI** — ``python -m adapter_merging`` on the same inputs, in a subprocess: its wall time (Python,
+  torch and adapters start-up included) and its peak resident memory, also net of an import-only run;
+* the merged adapter's largest relative error against the exact target, from the report.
+
+    python -m benchmarks.bench_files_7b                 # prints the table
+    python -m benchmarks.bench_files_7b --quick         # 2 layers: a smoke test (seconds)
+    python -m benchmarks.bench_files_7b --save          # also → benchmarks/results/bench_files_7b.json
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULT = ROOT / "benchmarks" / "results" / "bench_files_7b.json"
+HIDDEN, INTERMEDIATE, RANK, ALPHA = 4096, 11008, 16, 16
+#: module → (d, k) of its update ΔW = B·A (out × in)
+SHAPES = {
+    "self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (HIDDEN, HIDDEN),
+    "self_attn.v_proj": (HIDDEN, HIDDEN), "self_attn.o_proj": (HIDDEN, HIDDEN),
+    "mlp.gate_proj": (INTERMEDIATE, HIDDEN), "mlp.up_proj": (INTERMEDIATE, HIDDEN),
+    "mlp.down_proj": (HIDDEN, INTERMEDIATE),
+}
+WEIGHTS = [1.0, -1.0, 1.0]
+
+
+def generate(folder: Path, layers: int, hidden_scale: int = 1) -> List[Path]:
+    """Three PEFT-format LoRA folders, as PEFT's save_pretrained writes them."""
+    from safetensors.torch import save_file
+
+    folders = []
+    for i in range(3):
+        generator = torch.Generator().manual_seed(i)
+        tensors = {}
+        for layer in range(layers):
+            for module, (d, k) in SHAPES.items():
+                d, k = d // hidden_scale, k // hidden_scale
+                prefix = f"base_model.model.model.layers.{layer}.{module}"
+                tensors[f"{prefix}.lora_A.weight"] = torch.randn(RANK, k, generator=generator) / k**0.5
+                tensors[f"{prefix}.lora_B.weight"] = torch.randn(d, RANK, generator=generator) * 0.01
+        out = folder / f"lora_{i}"
+        out.mkdir(parents=True)
+        save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+        config = {"peft_type": "LORA", "r": RANK, "lora_alpha": ALPHA, "target_modules": sorted({m.split(".")[1] for m in SHAPES}),
+                  "rank_pattern": {}, "alpha_pattern": {}, "use_rslora": False, "fan_in_fan_out": False,
+                  "task_type": "CAUSAL_LM", "bias": "none", "base_model_name_or_path": None}
+        (out / "adapter_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        folders.append(out)
+    return folders
+
+
+def floor(folders: List[Path], out: Path) -> Dict[str, float]:
+    """Read, factored SVD per module, write — plainly, each part timed."""
+    from safetensors.torch import load_file, save_file
+
+    times = {}
+    start = time.perf_counter()
+    inputs = [load_file(str(f / "adapter_model.safetensors")) for f in folders]
+    times["read"] = time.perf_counter() - start
+    start = time.perf_counter()
+    scaling = ALPHA / RANK
+    merged = {}
+    for key in [k for k in inputs[0] if k.endswith("lora_A.weight")]:
+        b_key = key.replace("lora_A", "lora_B")
+        b_cat = torch.cat([w * scaling * x[b_key].double() for w, x in zip(WEIGHTS, inputs)], dim=1)
+        a_cat = torch.cat([x[key].double() for x in inputs], dim=0)
+        q_b, r_b = torch.linalg.qr(b_cat)
+        q_a, r_a = torch.linalg.qr(a_cat.T)
+        u, s, vh = torch.linalg.svd(r_b @ r_a.T)
+        root = (s / scaling).sqrt()
+        merged[b_key] = ((q_b @ u) * root).float().contiguous()
+        merged[key] = (root[:, None] * (vh @ q_a.T)).float().contiguous()
+    times["compute"] = time.perf_counter() - start
+    start = time.perf_counter()
+    out.mkdir(parents=True)
+    save_file(merged, str(out / "adapter_model.safetensors"))
+    times["write"] = time.perf_counter() - start
+    times["total"] = times["read"] + times["compute"] + times["write"]
+    return times
+
+
+def peak_rss_mb(args: List[str]) -> Tuple[float, float]:
+    """(wall seconds, peak resident memory in MB) of a subprocess (its own, read by /usr/bin/time-like
+    getrusage in a wrapper, so that earlier children do not count)."""
+    wrapper = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+               "r = subprocess.run(sys.argv[1:]); w = time.perf_counter() - t; "
+               "print(w, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024); sys.exit(r.returncode)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run([sys.executable, "-c", wrapper, *args], env=env, capture_output=True, text=True)
+    if result.returncode:
+        raise SystemExit(f"{args[:4]} failed: {result.stderr}")
+    wall, peak = result.stdout.split()[-2:]
+    return float(wall), float(peak)
+
+
+def cli(folders: List[Path], out: Path) -> Dict[str, float]:
+    """The command line in a subprocess: wall time, peak resident memory, and the peak of the same
+    process that only imports the package and exits (what Python, torch and adapters take)."""
+    args = [sys.executable, "-m", "adapter_merging", *[f"{f}:{w}" for f, w in zip(folders, WEIGHTS)], "--no-normalize",
+            "-s", "lora_delta_w_svd", "-o", str(out), "-q"]
+    wall, peak = peak_rss_mb(args)
+    _, baseline = peak_rss_mb([sys.executable, "-c", "import adapter_merging.cli, adapter_merging.files"])
+    return {"wall": wall, "peak_rss_mb": peak, "import_only_rss_mb": baseline, "extra_mb": peak - baseline}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="2 layers, quarter-size matrices (a smoke test)")
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of the floor and the merge, interleaved (medians)")
+    parser.add_argument("--save", action="store_true", help=f"write the result to {RESULT.relative_to(ROOT)}")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    layers, scale = (2, 4) if args.quick else (args.layers, 1)
+    from adapter_merging import merge_saved_adapters
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        start = time.perf_counter()
+        folders = generate(tmp / "inputs", layers, scale)
+        generated = time.perf_counter() - start
+        size_mb = sum(f.stat().st_size for d in folders for f in d.iterdir()) / 2**20
+        floors, merges = [], []
+        for repeat in range(args.repeats):  # interleaved, so that the machine's load hits both alike
+            floors.append(floor(folders, tmp / f"floor{repeat}"))
+            start = time.perf_counter()
+            report = merge_saved_adapters(folders, tmp / f"merged{repeat}", weights=WEIGHTS,
+                                          combine_strategy="lora_delta_w_svd", normalize_weights=False)
+            merges.append(time.perf_counter() - start)
+        plain = {key: statistics.median(f[key] for f in floors) for key in floors[0]}
+        merge_seconds = statistics.median(merges)
+        command = cli(folders, tmp / "cli")
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+                    "torch": torch.__version__, "system": platform.platform()},
+        "setup": {"layers": layers, "modules": len(report.modules), "rank": RANK, "inputs": 3, "input_mb": round(size_mb, 1),
+                  "quick": args.quick},
+        "generate_s": round(generated, 2),
+        "repeats": args.repeats,
+        "floor_s": {k: round(v, 3) for k, v in plain.items()},
+        "merge_s": round(merge_seconds, 3),
+        "merge_runs_s": [round(m, 3) for m in merges],
+        "floor_runs_s": [round(f["total"], 3) for f in floors],
+        "merge_over_floor": round(merge_seconds / plain["total"], 2),
+        "max_error": report.max_error,
+        "rank": report.rank,
+        "cli": {k: round(v, 2) for k, v in command.items()},
+    }
+    print(f"{layers} layers, {len(report.modules)} modules, 3 inputs of {size_mb / 3:.0f} MB, rank {RANK} → {report.rank}")
+    print(f"  floor   read {plain['read']:.2f} s + compute {plain['compute']:.2f} s + write {plain['write']:.2f} s "
+          f"= {plain['total']:.2f} s (median of {args.repeats})")
+    print(f"  merge   {merge_seconds:.2f} s (median of {args.repeats}) = {result['merge_over_floor']:.2f}× the floor; "
+          f"max relative error {report.max_error:.2e}")
+    print(f"  CLI     {command['wall']:.2f} s wall (start-up included), peak RSS {command['peak_rss_mb']:.0f} MB, "
+          f"of which {command['extra_mb']:.0f} MB above an import-only run")
+    if args.save:
+        RESULT.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(f"saved {RESULT.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
