@@ -191,3 +191,36 @@ def test_hub_ids_resolve_from_the_offline_cache(work):
     missing = run("org/lora-a", "org/not-cached", "-o", "out2", cwd=work, env=env)
     assert_failed_cleanly(missing, "org/not-cached", "local Hugging Face cache")
     assert not (work / "out2").exists()
+
+
+def test_the_cli_page_runs(tmp_path):
+    """docs/cli.md: its Python block makes the example folders, then every ```bash block runs in a shell
+    there, with `adapter-merge` being this package's command; each must succeed."""
+    from sybil import Document
+    from sybil.parsers.markdown.lexers import FencedCodeBlockLexer
+
+    page = ROOT / "docs" / "cli.md"
+    document = Document(page.read_text(encoding="utf-8"), str(page))
+    blocks = [(r.lexemes["language"].strip(), r.lexemes["source"]) for r in FencedCodeBlockLexer(language=r".*")(document)]
+    python = [source for language, source in blocks if language == "python"]
+    bash = [source for language, source in blocks if language == "bash"]
+    assert python and len(bash) >= 4
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        for source in python:
+            exec(compile(source, str(page), "exec"), {"__name__": "cli_page"})
+    finally:
+        os.chdir(cwd)
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "adapter-merge").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m adapter_merging "$@"\n', encoding="utf-8")
+    (shim / "adapter-merge").chmod(0o755)
+    env = {**os.environ, "PATH": f"{shim}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for source in bash:
+        result = subprocess.run(["bash", "-e", "-c", source], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, f"{source}\n{result.stderr}"
+    for folder in ("average", "detoxified", "ties_merge", "task_arithmetic", "small", "from_yaml"):
+        assert (tmp_path / folder / "merge_report.json").exists(), folder
+    assert "exit status 1" in result.stdout and "exists and is not empty" in result.stderr
