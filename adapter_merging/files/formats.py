@@ -21,7 +21,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -176,9 +176,40 @@ class Layout:
         return matrix
 
 
-def read_peft_format(folder: Path, name: str, source: str) -> SavedAdapter:
+def peft_adapter_input(name: str, peft_type: str, r: int, alpha: float, modules: Mapping[str, Tuple[int, float]],
+                       tensors: Mapping) -> AdapterInput:
+    """A PEFT adapter as the engine's input, from a folder or a live model alike: a LoRA (``r``,
+    ``lora_alpha``, and each module's own (rank, scaling) in ``modules``) or an IA³. PEFT chooses its
+    modules per adapter (``target_modules``), so a module an input lacks is a zero update."""
     from adapters import IA3Config, LoRAConfig
 
+    if peft_type == "IA3":
+        return AdapterInput(name, IA3Config(alpha=1), tensors, selects_modules=True)
+    default = float(alpha) / int(r)
+    ranks = {m: rank for m, (rank, _) in modules.items() if rank != int(r)}
+    scalings = {m: scaling for m, (_, scaling) in modules.items() if scaling != default}
+    return AdapterInput(name, LoRAConfig(r=int(r), alpha=alpha), tensors, ranks, scalings, selects_modules=True)
+
+
+def merged_peft_fields(peft_type: str, result: MergeResult, feedforward: Sequence[str] = ()) -> Dict[str, Any]:
+    """The fields of the merged adapter's PEFT configuration (the rest is copied from the first input):
+    its modules by full name, and for LoRA one r and lora_alpha (scaling alpha/r, ``use_rslora=False``),
+    with rank_pattern / alpha_pattern where modules differ."""
+    modules = sorted({slot.prefix for slot in result.tensors})
+    fields: Dict[str, Any] = {"target_modules": modules, "layers_to_transform": None, "layers_pattern": None,
+                              "exclude_modules": None}
+    if peft_type == "IA3":
+        fields["feedforward_modules"] = sorted(m for m in modules if any(m == f or m.endswith(f".{f}") for f in feedforward))
+        return fields
+    r = int(result.config["r"])
+    scaling = float(result.config["alpha"]) / r
+    fields.update(r=r, lora_alpha=result.config["alpha"], use_rslora=False)
+    fields["rank_pattern"] = {m: rank for m, (rank, _) in result.module_overrides.items() if rank != r}
+    fields["alpha_pattern"] = {m: rank * s for m, (rank, s) in result.module_overrides.items() if s != scaling}
+    return fields
+
+
+def read_peft_format(folder: Path, name: str, source: str) -> SavedAdapter:
     metadata = read_json(folder / CONFIG)
     peft_type = metadata.get("peft_type")
     if peft_type not in ("LORA", "IA3"):
@@ -232,13 +263,10 @@ def read_peft_format(folder: Path, name: str, source: str) -> SavedAdapter:
                 f"{weights_file} holds '{key}', which is not a LoRA/IA³ factor this library merges (DoRA magnitudes, "
                 "LoRA biases and trainable tokens are not supported from files)."
             )
-    if peft_type == "LORA":
-        config = LoRAConfig(r=int(metadata.get("r", 8)), alpha=metadata.get("lora_alpha", 8))
-        ranks, scalings = _lora_patterns(metadata, weights, slots)
-    else:
-        config, ranks, scalings = IA3Config(alpha=1), {}, {}
     transform = lambda slot, tensor: layouts[slot.prefix].to_matrix(slot.param, tensor)  # noqa: E731
-    adapter = AdapterInput(name, config, Renamed(weights, slots, transform), ranks, scalings, selects_modules=True)
+    modules = _lora_modules(metadata, weights, slots) if peft_type == "LORA" else {}
+    adapter = peft_adapter_input(name, peft_type, metadata.get("r", 8), metadata.get("lora_alpha", 8), modules,
+                                 Renamed(weights, slots, transform))
     saved = SavedAdapter("peft", folder, source, name, adapter, weights_file, metadata, layouts=layouts, frozen=frozen)
     if saved_modules:
         saved.head = AdapterInput(name, HeadConfig("modules_to_save"), Renamed(weights, saved_modules), selects_modules=True)
@@ -259,23 +287,17 @@ def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> An
     return default
 
 
-def _lora_patterns(metadata, weights: LazyFile, slots: Mapping[Slot, str]) -> Tuple[Dict[str, int], Dict[str, float]]:
-    """Each module's rank (from its tensors) and scaling (alpha_pattern, rsLoRA α/√r), where they differ
-    from the configuration's r and lora_alpha/r."""
-    r, alpha = int(metadata.get("r", 8)), float(metadata.get("lora_alpha", 8))
-    rslora = bool(metadata.get("use_rslora"))
-    ranks, scalings = {}, {}
+def _lora_modules(metadata, weights: LazyFile, slots: Mapping[Slot, str]) -> Dict[str, Tuple[int, float]]:
+    """Each module's (rank, scaling): the rank from its tensors, the scaling from alpha_pattern (or
+    lora_alpha), divided by r (rsLoRA: by √r), as PEFT computes it."""
+    alpha, rslora = float(metadata.get("lora_alpha", 8)), bool(metadata.get("use_rslora"))
+    modules = {}
     for slot, key in slots.items():
-        if slot.param != "lora_A":
-            continue
-        rank = int(_shape(weights, key)[0])
-        module_alpha = float(_pattern_value(metadata.get("alpha_pattern") or {}, slot.prefix, alpha))
-        scaling = module_alpha / (math.sqrt(rank) if rslora else rank)
-        if rank != r:
-            ranks[slot.prefix] = rank
-        if scaling != alpha / r:
-            scalings[slot.prefix] = scaling
-    return ranks, scalings
+        if slot.param == "lora_A":
+            rank = int(_shape(weights, key)[0])
+            module_alpha = float(_pattern_value(metadata.get("alpha_pattern") or {}, slot.prefix, alpha))
+            modules[slot.prefix] = (rank, module_alpha / (math.sqrt(rank) if rslora else rank))
+    return modules
 
 
 def check_frozen(inputs: List[SavedAdapter]) -> Dict[str, torch.Tensor]:
@@ -304,22 +326,8 @@ def write_peft_format(folder: Path, inputs: List[SavedAdapter], result: MergeRes
     for item in inputs:
         for module, layout in item.layouts.items():
             layouts.setdefault(module, layout)
-    modules = sorted({slot.prefix for slot in result.tensors})
-    metadata["target_modules"] = modules
-    for stale in ("layers_to_transform", "layers_pattern", "exclude_modules"):
-        if stale in metadata:
-            metadata[stale] = None
-    if metadata["peft_type"] == "LORA":
-        r = int(result.config["r"])
-        scaling = float(result.config["alpha"]) / r
-        metadata.update(r=r, lora_alpha=result.config["alpha"], use_rslora=False)
-        metadata["rank_pattern"] = {m: rank for m, (rank, _) in result.module_overrides.items()}
-        metadata["alpha_pattern"] = {m: rank * s for m, (rank, s) in result.module_overrides.items() if rank * s != scaling * rank}
-    else:
-        forward = set()
-        for item in inputs:
-            forward |= set(item.metadata.get("feedforward_modules") or [])
-        metadata["feedforward_modules"] = sorted(m for m in modules if any(m == f or m.endswith(f".{f}") for f in forward))
+    forward = [f for item in inputs for f in item.metadata.get("feedforward_modules") or []]
+    metadata.update(merged_peft_fields(metadata["peft_type"], result, forward))
     tensors: Dict[str, torch.Tensor] = {}
     for slot, tensor in result.tensors.items():
         layout = layouts[slot.prefix]
