@@ -105,6 +105,38 @@ def test_exact_types_give_the_exact_sum(arch, combination):
     assert report.max_error <= EXACT
 
 
+def forward_inputs(arch):
+    generator = torch.Generator().manual_seed(3)
+    if arch == "conv":
+        return {"x": torch.randn(2, 3, 8, 8, generator=generator)}
+    return {"input_ids": torch.randint(0, 99, (2, 7), generator=generator)}
+
+
+def output(model, inputs):
+    result = model(**inputs)
+    return result if isinstance(result, torch.Tensor) else result[0]
+
+
+@pytest.mark.parametrize("combination", ["svd", "cat"])
+@pytest.mark.parametrize("arch", list(SPECS))
+def test_forward_pass_of_the_merged_adapter_is_the_base_plus_the_exact_sum(arch, combination):
+    """Through the model itself: the merged adapter's outputs equal those of the base model with
+    Σ λᵢ ΔWᵢ added to its weights by hand."""
+    model = peft_model(arch)
+    weights = [1.0, -1.0, 0.5]
+    add_weighted_adapter(model, NAMES, weights, "merged", combination_type=combination)
+    target = exact_target(model, NAMES, weights)
+    model.set_adapter("merged")
+    model.eval()
+    reference = base(arch)
+    reference.eval()
+    with torch.no_grad():
+        for path, update in target.items():
+            reference.get_submodule(path.removeprefix("base_model.model.")).weight += update.float()
+        inputs = forward_inputs(arch)
+        torch.testing.assert_close(output(model, inputs), output(reference, inputs), rtol=1e-4, atol=1e-5)
+
+
 def test_peft_own_linear_has_cross_terms_and_ours_not():
     """The contrast, on adapters PEFT's linear accepts (one rank and target set)."""
     specs = [dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])] * 2
