@@ -20,6 +20,7 @@ import re
 from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from adapters import DoRAConfig, IA3Config, LoRAConfig, VeraConfig
@@ -178,12 +179,26 @@ def _ref_block(strategy, blocks, weights, options, masks=None):
     return torch.tensor(merged, dtype=torch.float64).reshape(shape)
 
 
+def _dare_reference_mask(shape, density, generator):
+    """The documented DARE mask, the slow obvious way: a 63-bit seed drawn from ``generator``, the raw
+    64-bit outputs of ``numpy.random.PCG64(seed)`` split into 32-bit halves (low half first), keep
+    entry p (row-major) iff half p < round(density·2³²)."""
+    numel = math.prod(shape)
+    seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator, dtype=torch.int64))
+    raw = np.random.PCG64(seed).random_raw((numel + 1) // 2)
+    halves = []
+    for word in raw.tolist():
+        halves += [word & 0xFFFFFFFF, word >> 32]
+    threshold = round(density * 2**32)
+    return torch.tensor([h < threshold for h in halves[:numel]]).reshape(shape)
+
+
 def _reference(model, names, weights, strategy, options):
     """{module path: (per-input ΔWᵢ blocks, reference merged blocks)} for every LoRA module.
 
-    DARE masks are drawn as documented: one ``torch.Generator().manual_seed(seed)`` per merge,
-    u ~ U[0, 1) in float64 of the projection's shape, keep = u < density, module by module (sorted
-    paths), projection by projection (only those the adapter updates), input by input."""
+    DARE masks are drawn as documented: one ``torch.Generator().manual_seed(seed)`` per merge, module
+    by module (sorted paths), projection by projection (only those the adapter updates), input by
+    input (see `_dare_reference_mask`)."""
     generator = torch.Generator().manual_seed(options.get("seed", 0))
     out = {}
     for path in _lora_modules(model, names[0]):
@@ -197,10 +212,7 @@ def _reference(model, names, weights, strategy, options):
                 if all(float(b.abs().max()) == 0.0 for b in blocks):  # a projection without LoRA
                     merged.append(torch.zeros_like(blocks[0]))
                     continue
-                masks = [
-                    torch.rand(tuple(b.shape), generator=generator, dtype=torch.float64) < options["density"]
-                    for b in blocks
-                ]
+                masks = [_dare_reference_mask(tuple(b.shape), options["density"], generator) for b in blocks]
             merged.append(_ref_block(strategy, blocks, weights, options, masks))
         out[path] = (per_task, merged)
     return out

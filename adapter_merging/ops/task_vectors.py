@@ -14,6 +14,7 @@ import math
 from numbers import Real
 from typing import List, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 from .linear import linear_combination
@@ -143,15 +144,47 @@ def breadcrumbs_mask(task: torch.Tensor, density: float, gamma: float) -> torch.
     return _rank_window_mask(task, start, min(n, start + _count(density, n)))
 
 
+#: 64-bit outputs of the bit generator drawn at a time when making a DARE mask
+_DARE_BLOCK = 1 << 20
+
+
+def dare_bits(numel: int, density: float, generator: Optional[torch.Generator] = None) -> np.ndarray:
+    """A DARE keep mask of ``numel`` entries, packed 8 to a byte (``numpy.packbits`` order).
+
+    m[p] = [u[p] < t], t = round(density·2³²) (t = 2³² keeps everything): u are the 32-bit halves
+    (little-endian) of the raw 64-bit outputs of a PCG64 bit generator, seeded with a 63-bit integer
+    drawn from ``generator`` (or from torch's global generator if None). PCG64's raw stream is fixed
+    by numpy's stability policy, so one seed gives one mask on every machine; and it is 4–5× faster
+    than float64 uniforms from torch (measured: 0.07 s against 0.33 s for 45 M entries), which
+    dominated DARE's cost."""
+    density = check_density(density)
+    seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator, dtype=torch.int64))
+    stream = np.random.PCG64(seed)
+    threshold = np.uint64(round(density * 2**32))
+    packed, left = [], numel
+    while left > 0:
+        raw = stream.random_raw(min(_DARE_BLOCK, (left + 1) // 2)).astype("<u8", copy=False).view("<u4")[:left]
+        packed.append(np.packbits(raw.astype(np.uint64) < threshold if threshold < 2**32 else np.ones(raw.shape, bool)))
+        left -= raw.size
+    return np.concatenate(packed) if packed else np.zeros(0, np.uint8)
+
+
+def unpack_bits(packed: np.ndarray, offset: int, count: int) -> torch.Tensor:
+    """Entries [offset, offset + count) of a packed mask, as a bool tensor."""
+    first, last = offset // 8, -(-(offset + count) // 8)
+    bits = np.unpackbits(packed[first:last])[offset % 8 : offset % 8 + count]
+    return torch.from_numpy(bits.astype(bool))
+
+
 def dare_mask(
     shape: Sequence[int] | torch.Size, density: float, generator: Optional[torch.Generator] = None
 ) -> torch.Tensor:
-    """DARE keep mask (Yu et al. 2024): m[p] ~ Bernoulli(density) i.i.d., as m[p] = [u[p] < density]
-    with u ~ U[0, 1) drawn in float64 on the CPU from ``generator`` (a CPU generator; the caller
-    moves the mask to its device). density=1 keeps every entry."""
-    density = check_density(density)
-    u = torch.rand(tuple(shape), generator=generator, dtype=torch.float64, device="cpu")
-    return u < density
+    """DARE keep mask (Yu et al. 2024): m[p] ~ Bernoulli(density) i.i.d. (to 2⁻³²), drawn by
+    `dare_bits` from ``generator`` (one 63-bit seed per mask), in row-major order, on the CPU (the
+    caller moves it to its device). density=1 keeps every entry."""
+    shape = tuple(shape)
+    numel = math.prod(shape)
+    return unpack_bits(dare_bits(numel, density, generator), 0, numel).reshape(shape)
 
 
 # --------------------------------------------------------------------------- TIES building blocks
@@ -168,7 +201,10 @@ def elect_sign(weighted_tasks: torch.Tensor, method: str = "total") -> torch.Ten
     """
     method = check_sign_method(method)
     votes = weighted_tasks.unbind(0) if method == "total" else [torch.sign(t) for t in weighted_tasks]
-    return torch.sign(linear_combination(votes, [1.0] * len(votes)))
+    total = votes[0].clone()
+    for vote in votes[1:]:  # Σ in task order (as linear_combination with weights 1 sums)
+        total += vote
+    return torch.sign(total)
 
 
 def disjoint_merge(
@@ -184,11 +220,33 @@ def disjoint_merge(
     the mean of the agreeing non-zero τ̂ᵢ[p]. When no sign conflicts and every τ̂ᵢ[p] ≠ 0 it is
     plain task arithmetic Σᵢ λᵢτ̂ᵢ. A task whose entry is 0 is left out of A_p, so the others are
     rescaled to the full weight mass Σᵢ |λᵢ| (the TIES convention).
+
+    On finite tasks the agreement is computed as a number, aᵢ = sign(max(x·γ, 0)) ∈ {0, 1}, and the
+    sums as Σ x·aᵢ and Σ |λᵢ|·aᵢ: the same values as the boolean selection, in a few arithmetic passes
+    (boolean and masked operations are several times slower on the CPU); non-finite tasks take the
+    selection itself, whose rules for NaN (never agreeing) the arithmetic would not keep.
     """
     lam = _check_tasks(weighted_tasks, weights).reshape(-1).abs()
+    if not math.isfinite(float(weighted_tasks.sum())):
+        return _disjoint_merge_selecting(weighted_tasks, elected_sign, lam)
     numerator = torch.zeros_like(weighted_tasks[0])
     mass = torch.zeros_like(weighted_tasks[0])
+    agree = torch.empty_like(weighted_tasks[0])
     for task, weight in zip(weighted_tasks, lam):  # one task at a time: no n × shape temporaries
+        torch.mul(task, elected_sign, out=agree).clamp_(min=0).sign_()  # 1 where sign(x) = γ ≠ 0, else 0
+        numerator.addcmul_(task, agree)
+        mass.add_(agree * weight)
+    nonzero = lam[lam > 0]
+    smallest = float(nonzero.min()) if nonzero.numel() else 1.0
+    # where mass > 0 it is ≥ the smallest weight, so the clamp changes nothing there; where it is 0,
+    # so is the numerator, and the result is 0 either way
+    return lam.sum() * numerator / mass.clamp_(min=smallest)
+
+
+def _disjoint_merge_selecting(weighted_tasks: torch.Tensor, elected_sign: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    numerator = torch.zeros_like(weighted_tasks[0])
+    mass = torch.zeros_like(weighted_tasks[0])
+    for task, weight in zip(weighted_tasks, lam):
         agree = task * elected_sign > 0  # sign(x) = γ ≠ 0 (false for x = 0, γ = 0 and NaN)
         numerator += torch.where(agree, task, 0.0)
         mass += agree * weight

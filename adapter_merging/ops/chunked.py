@@ -1,0 +1,436 @@
+"""Task-vector merges row chunk by row chunk: the definitions of `task_vectors`, without n dense tasks.
+
+The tasks τᵢ (d × k) are given by a `Tasks` object that computes any rows of any task on demand — for
+LoRA updates τᵢ = sᵢ·Bᵢ·Aᵢ, a c × r by r × k product per chunk of c rows — so the merge holds
+O(chunk × n) of them at a time, plus the d × k result. Per layer it makes two passes over the rows:
+
+1. **selection** (magnitude-based sparsifications): the K-th largest |τᵢ| of each task, exactly,
+   without a full selection: a random sample of entries brackets it in [t_lo, t_hi]; one pass counts
+   the entries above t_hi and keeps the few in [t_lo, t_hi] with their flat index; the exact K-th
+   value (and, among entries equal to it, the lowest-indexed ones to keep) is selected among those.
+   If the bracket misses (improbable), the task's magnitudes are selected in full, as before. DARE's
+   random masks are drawn here, task after task (as `dare_mask` draws them), and kept packed.
+2. **merge**: each chunk of every task, its mask, and the consensus (`weighted_sum`,
+   `sign_consensus`) applied to the chunk.
+
+Given the same τᵢ the result is bit-identical to the dense functions of `task_vectors` (the same
+masks, the same arithmetic on each entry). On finite chunks the masks are applied as 0/1 numbers
+computed by arithmetic, into buffers reused from chunk to chunk: on the CPU a comparison producing
+booleans costs several arithmetic passes and a fresh allocation of a chunk-sized tensor more still.
+Chunks holding NaN or ±inf take the boolean selections of `task_vectors` themselves.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from .linear import linear_combination
+from .task_vectors import (
+    _count,
+    dare_bits,
+    unpack_bits,
+    check_gamma,
+    check_sign_method,
+    disjoint_merge,
+    elect_sign,
+    per_task_density,
+    weighted_sum,
+)
+
+#: entries per chunk of rows (a chunk of every task and its temporaries stay in the CPU's caches)
+CHUNK_ENTRIES = 1 << 18
+#: entries sampled per task to bracket a selection threshold
+SAMPLE_ENTRIES = 1 << 18
+
+
+class Tasks:
+    """n tasks of shape (d, k), computed on demand. Subclasses define `rows_into` and `entries`."""
+
+    def __init__(self, n: int, shape: Tuple[int, int], dtype: torch.dtype, device: torch.device) -> None:
+        self.n, self.shape, self.dtype, self.device = n, (int(shape[0]), int(shape[1])), dtype, device
+
+    def rows_into(self, task: int, rows: slice, out: torch.Tensor) -> torch.Tensor:
+        """Rows ``rows`` of task ``task``, written into ``out`` (a reused buffer of the chunk's shape)."""
+        raise NotImplementedError  # pragma: no cover - defined by every subclass
+
+    def entries(self, task: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """The entries (rows[j], cols[j]) of task ``task`` (a sample; only used to bracket thresholds)."""
+        raise NotImplementedError  # pragma: no cover - defined by every subclass
+
+    def rows(self, task: int, rows: slice) -> torch.Tensor:
+        out = torch.empty(rows.stop - rows.start, self.shape[1], dtype=self.dtype, device=self.device)
+        return self.rows_into(task, rows, out)
+
+
+class FactoredTasks(Tasks):
+    """τᵢ = sᵢ·(Bᵢ·Aᵢ) in ``dtype``: the dense updates of LoRA modules, never formed whole."""
+
+    def __init__(self, factors: Sequence[Tuple[torch.Tensor, torch.Tensor]], scalings: Sequence[float], dtype: torch.dtype):
+        self.b = [b.to(dtype) for b, _ in factors]
+        self.a = [a.to(dtype) for _, a in factors]
+        self.s = [float(s) for s in scalings]
+        super().__init__(len(self.b), (self.b[0].shape[0], self.a[0].shape[1]), dtype, self.b[0].device)
+
+    def rows_into(self, task, rows, out):
+        return torch.mm(self.b[task][rows], self.a[task], out=out).mul_(self.s[task])  # = s·(B[rows]·A)
+
+    def entries(self, task, rows, cols):
+        return self.s[task] * (self.b[task][rows] * self.a[task][:, cols].T).sum(dim=1)
+
+
+class DenseTasks(Tasks):
+    """Tasks already stacked densely, (n, d, k) (tests, and small layers)."""
+
+    def __init__(self, tasks: torch.Tensor) -> None:
+        self.tasks = tasks
+        super().__init__(tasks.shape[0], tuple(tasks.shape[1:]), tasks.dtype, tasks.device)
+
+    def rows_into(self, task, rows, out):
+        return out.copy_(self.tasks[task, rows])
+
+    def entries(self, task, rows, cols):
+        return self.tasks[task, rows, cols]
+
+
+def chunks(d: int, k: int) -> List[slice]:
+    step = max(1, CHUNK_ENTRIES // max(1, k))
+    return [slice(start, min(d, start + step)) for start in range(0, d, step)]
+
+
+def magnitudes(values: torch.Tensor) -> torch.Tensor:
+    """|x| with NaN ranked as the largest magnitude, like +inf (the rule of `task_vectors`)."""
+    out = values.abs()
+    return torch.where(torch.isnan(out), torch.full_like(out, math.inf), out)
+
+
+class Workspace:
+    """Buffers of the largest chunk, reused for every chunk (views of the right size per chunk)."""
+
+    def __init__(self, tasks: Tasks, extra: int = 4) -> None:
+        d, k = tasks.shape
+        parts = chunks(d, k)
+        self.rows = parts[0].stop - parts[0].start
+        self.k = k
+        options = dict(dtype=tasks.dtype, device=tasks.device)
+        self.tasks = torch.empty(tasks.n, self.rows, k, **options)
+        self.scratch = [torch.empty(self.rows, k, **options) for _ in range(extra)]
+        self.flags = torch.empty(self.rows, k, dtype=torch.bool, device=tasks.device)
+
+    def view(self, buffer: torch.Tensor, rows: slice) -> torch.Tensor:
+        return buffer[: rows.stop - rows.start]
+
+
+# ----------------------------------------------------------------------------- exact selection
+@dataclass(frozen=True)
+class Top:
+    """The ``count`` largest magnitudes of one task (lower flat index first among equals):
+    |x| > ``value``, plus the entries equal to it whose flat indices are in ``ties`` (sorted); everything
+    (count ≥ N) or nothing (count ≤ 0) in the trivial cases."""
+
+    count: int
+    numel: int
+    value: Optional[float] = None
+    ties: Optional[torch.Tensor] = None
+
+    @property
+    def everything(self) -> bool:
+        return self.count >= self.numel
+
+    @property
+    def nothing(self) -> bool:
+        return self.count <= 0
+
+    def ties_in(self, offset: int, size: int) -> torch.Tensor:
+        """The kept ties among flat indices [offset, offset + size), relative to ``offset``."""
+        if self.ties is None or not self.ties.numel():
+            return torch.empty(0, dtype=torch.long)
+        lo, hi = torch.searchsorted(self.ties, torch.tensor([offset, offset + size])).tolist()
+        return self.ties[lo:hi] - offset
+
+    def mask(self, values: torch.Tensor, offset: int) -> torch.Tensor:
+        """The boolean mask of a chunk of magnitudes whose first entry has flat index ``offset``."""
+        if self.nothing:
+            return torch.zeros(values.shape, dtype=torch.bool, device=values.device)
+        if self.everything:
+            return torch.ones(values.shape, dtype=torch.bool, device=values.device)
+        mask = values > self.value
+        mask.view(-1)[self.ties_in(offset, values.numel()).to(values.device)] = True
+        return mask
+
+    def indicator_into(self, size: torch.Tensor, offset: int, out: torch.Tensor) -> torch.Tensor:
+        """The same mask as 0/1 numbers, into ``out``, by arithmetic: sign(max(|x| − v, 0)) is 1 exactly
+        where |x| > v (the difference of two distinct floats is never 0). For finite magnitudes."""
+        if self.nothing:
+            return out.zero_()
+        if self.everything:
+            return out.fill_(1)
+        torch.sub(size, self.value, out=out).clamp_(min=0).sign_()
+        out.view(-1)[self.ties_in(offset, out.numel()).to(out.device)] = 1
+        return out
+
+
+def select_tops(tasks: Tasks, task: int, counts: Sequence[int], generator: torch.Generator,
+                workspace: Optional[Workspace] = None) -> List[Top]:
+    """`Top` of each count for one task: bracketed by a sample, decided by one pass (see the module docstring)."""
+    d, k = tasks.shape
+    numel = d * k
+    wanted = [c for c in counts if 0 < c < numel]
+    if not wanted:
+        return [Top(c, numel) for c in counts]
+    ws = workspace or Workspace(tasks)
+    size = min(SAMPLE_ENTRIES, numel)
+    rows = torch.randint(0, d, (size,), generator=generator).to(tasks.device)
+    cols = torch.randint(0, k, (size,), generator=generator).to(tasks.device)
+    sample = tasks.entries(task, rows, cols).abs().double()
+    sample = torch.nan_to_num(sample, nan=math.inf)
+    sample = torch.where(torch.isinf(sample), torch.finfo(torch.float64).max, sample)  # quantile needs finite
+    brackets = []
+    for count in wanted:
+        below = (numel - count) / numel  # the fraction of entries below the count-th largest
+        margin = 6.0 * math.sqrt(max(below * (1 - below), 1.0 / size) / size) + 2.0 / size
+        levels = torch.tensor([max(0.0, below - margin), min(1.0, below + margin)], dtype=torch.float64)
+        low, high = torch.quantile(sample, levels.to(sample.device)).tolist()
+        brackets.append((float(low), float(high)))
+    above = [0] * len(wanted)
+    values: List[List[torch.Tensor]] = [[] for _ in wanted]
+    indices: List[List[torch.Tensor]] = [[] for _ in wanted]
+    for part in chunks(d, k):
+        chunk = tasks.rows_into(task, part, ws.view(ws.tasks[0], part)).abs_()
+        if not math.isfinite(float(chunk.sum())):
+            chunk = magnitudes(chunk)
+        flat = chunk.view(-1)
+        scratch, flags = ws.view(ws.scratch[0], part).view(-1), ws.view(ws.flags, part).view(-1)
+        offset = part.start * k
+        for j, (low, high) in enumerate(brackets):
+            above[j] += int(torch.gt(flat, high, out=flags).sum())
+            # a prefilter by |x − mid| ≤ half, widened by far more than its rounding, then the exact test
+            mid, half = (low + high) / 2, (high - low) / 2 * (1 + 1e-3) + 1e-30
+            torch.sub(flat, mid, out=scratch).abs_()
+            inside = torch.nonzero(torch.le(scratch, half, out=flags)).flatten()
+            inside = inside[(flat[inside] >= low) & (flat[inside] <= high)]
+            values[j].append(flat[inside])
+            indices[j].append(inside + offset)
+    tops = {}
+    for j, count in enumerate(wanted):
+        found = _resolve(count, above[j], torch.cat(values[j]), torch.cat(indices[j]), numel)
+        tops[count] = found if found is not None else _select_in_full(tasks, task, count)
+    return [tops.get(c, Top(c, numel)) for c in counts]
+
+
+def _resolve(count: int, above: int, values: torch.Tensor, indices: torch.Tensor, numel: int) -> Optional[Top]:
+    """The count-th largest among candidates, if the bracket holds it: ``above`` entries exceed the
+    bracket, ``values`` are all entries inside it."""
+    if not above < count <= above + values.numel():
+        return None
+    order = count - above  # the order-th largest of the candidates
+    value = torch.kthvalue(values, values.numel() - order + 1).values
+    greater = above + int((values > value).sum())
+    ties = torch.sort(indices[values == value]).values
+    return Top(count, numel, float(value), ties[: count - greater].cpu())
+
+
+def _select_in_full(tasks: Tasks, task: int, count: int) -> Top:
+    """The exact selection over every magnitude of the task (the bracket missed)."""
+    d, k = tasks.shape
+    full = torch.cat([magnitudes(tasks.rows(task, rows)).reshape(-1) for rows in chunks(d, k)])
+    value = torch.kthvalue(full, full.numel() - count + 1).values
+    greater = int((full > value).sum())
+    ties = torch.nonzero(full == value).flatten()
+    return Top(count, full.numel(), float(value), ties[: count - greater].cpu())
+
+
+# ----------------------------------------------------------------------------- sparsifications
+class Sparsify:
+    """A sparsification planned over whole tasks, applied chunk by chunk, in place: ``plan`` once per
+    layer; then per chunk ``apply_`` (any chunk: the boolean selection) or ``apply_finite_`` (a chunk
+    of finite values: the same result by arithmetic, into the workspace's buffers)."""
+
+    def plan(self, tasks: Tasks, generator: Optional[torch.Generator], workspace: Workspace) -> None:
+        pass
+
+    def apply_(self, task: int, values: torch.Tensor, rows: slice) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover - defined by every subclass
+
+    def apply_finite_(self, task: int, values: torch.Tensor, rows: slice, ws: Workspace) -> torch.Tensor:
+        return self.apply_(task, values, rows)
+
+
+class KeepAll(Sparsify):
+    def apply_(self, task, values, rows):
+        return values
+
+
+class KeepWindow(Sparsify):
+    """Keep the magnitude ranks start+1 … stop of each task (`task_vectors.magnitude_mask`:
+    start = 0, stop = ⌈density·N⌉; `breadcrumbs_mask`: start = ⌈gamma·N⌉)."""
+
+    def __init__(self, density, gamma: float = 0.0) -> None:
+        self.density, self.gamma = density, check_gamma(gamma)
+
+    def plan(self, tasks, generator, workspace):
+        numel = tasks.shape[0] * tasks.shape[1]
+        densities = per_task_density(self.density, tasks.n)
+        sampler = torch.Generator().manual_seed(0x5EED)  # brackets only: never changes the result
+        self.windows = []
+        for i, density in enumerate(densities):
+            start = _count(self.gamma, numel) if self.gamma else 0
+            stop = min(numel, start + _count(density, numel))
+            self.windows.append(tuple(select_tops(tasks, i, [start, stop], sampler, workspace)))
+        self.k = tasks.shape[1]
+
+    def apply_(self, task, values, rows):
+        top_start, top_stop = self.windows[task]
+        offset = rows.start * self.k
+        size = magnitudes(values)  # NaN ranks as +inf: the boolean selection, as task_vectors does it
+        mask = top_stop.mask(size, offset)
+        if not top_start.nothing:
+            mask &= ~top_start.mask(size, offset)
+        return values.copy_(torch.where(mask, values, torch.zeros_like(values)))
+
+    def apply_finite_(self, task, values, rows, ws):
+        top_start, top_stop = self.windows[task]
+        offset = rows.start * self.k
+        size, keep, other = (ws.view(buffer, rows) for buffer in ws.scratch[:3])
+        torch.abs(values, out=size)
+        top_stop.indicator_into(size, offset, keep)
+        if not top_start.nothing:
+            keep.sub_(top_start.indicator_into(size, offset, other))
+        return values.mul_(keep)  # τ·1 or τ·0: for finite τ the same as the selection
+
+
+class DropAndRescale(Sparsify):
+    """DARE: mᵢ ~ Bernoulli(densityᵢ) drawn as `task_vectors.dare_mask` draws it (task after task, each
+    from its own seed drawn from the merge's generator), kept packed; τ̂ᵢ = mᵢ ⊙ τᵢ / densityᵢ."""
+
+    def __init__(self, density) -> None:
+        self.density = density
+
+    def plan(self, tasks, generator, workspace):
+        d, k = tasks.shape
+        self.densities = per_task_density(self.density, tasks.n)
+        self.k = k
+        self.bits = [dare_bits(d * k, density, generator) for density in self.densities]
+
+    def _keep(self, task: int, rows: slice, values: torch.Tensor) -> torch.Tensor:
+        return unpack_bits(self.bits[task], rows.start * self.k, values.numel()).reshape(values.shape).to(values.device)
+
+    def apply_(self, task, values, rows):
+        keep = self._keep(task, rows, values)
+        return values.copy_(torch.where(keep, values / self.densities[task], torch.zeros_like(values)))
+
+    def apply_finite_(self, task, values, rows, ws):
+        keep = ws.view(ws.scratch[0], rows).copy_(self._keep(task, rows, values))
+        return values.div_(self.densities[task]).mul_(keep)  # τ/density kept or 0: the selection, for finite τ
+
+
+# ----------------------------------------------------------------------------- consensus
+class Consensus:
+    """How the trimmed chunks are combined: ``exact(trimmed, weights)`` (the definition, any values) and
+    ``into(trimmed, weights, ws, out)`` (finite values: the same arithmetic into reused buffers)."""
+
+    def exact(self, trimmed: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover - defined by every subclass
+
+    def into(self, trimmed, weights, ws: Workspace, out: torch.Tensor) -> torch.Tensor:
+        return out.copy_(self.exact(trimmed, weights))
+
+
+class Sum(Consensus):
+    """Σᵢ λᵢτ̂ᵢ (`task_vectors.weighted_sum`): (λ₀τ̂₀) + (λ₁τ̂₁) + … in task order."""
+
+    def exact(self, trimmed, weights):
+        return weighted_sum(trimmed, weights)
+
+    def into(self, trimmed, weights, ws, out):
+        if trimmed.dtype != out.dtype or trimmed.dtype not in (torch.float32, torch.float64):
+            return out.copy_(linear_combination(trimmed.unbind(0), weights))
+        product = ws.view(ws.scratch[0], slice(0, out.shape[0]))
+        torch.mul(trimmed[0], float(weights[0]), out=out)
+        for task, weight in zip(trimmed[1:], weights[1:]):
+            out.add_(torch.mul(task, float(weight), out=product))
+        return out
+
+
+class SignElection(Consensus):
+    """TIES' consensus (`task_vectors.sign_consensus`): weight, elect the sign, disjoint mean."""
+
+    def __init__(self, method: str) -> None:
+        self.method = check_sign_method(method)
+
+    def exact(self, trimmed, weights):
+        lam = torch.tensor([float(w) for w in weights], dtype=trimmed.dtype, device=trimmed.device)
+        weighted = trimmed.mul_(lam.view(-1, *([1] * (trimmed.ndim - 1))))
+        return disjoint_merge(weighted, elect_sign(weighted, self.method), weights)
+
+    def into(self, trimmed, weights, ws, out):
+        rows = slice(0, out.shape[0])
+        sign, mass, agree = (ws.view(buffer, rows) for buffer in ws.scratch[:3])
+        lam = torch.tensor([float(w) for w in weights], dtype=trimmed.dtype, device=trimmed.device)
+        for task, weight in zip(trimmed, lam):
+            task.mul_(weight)  # λᵢτ̂ᵢ, as sign_consensus weights them
+        if self.method == "total":  # elect_sign: Σ in task order, then the sign
+            sign.copy_(trimmed[0])
+            for task in trimmed[1:]:
+                sign.add_(task)
+        else:
+            torch.sign(trimmed[0], out=sign)
+            for task in trimmed[1:]:
+                sign.add_(torch.sign(task, out=agree))
+        sign.sign_()
+        out.zero_()
+        mass.zero_()
+        magnitudes_ = lam.abs()
+        for task, weight in zip(trimmed, magnitudes_):  # disjoint_merge's arithmetic, finite branch
+            torch.mul(task, sign, out=agree).clamp_(min=0).sign_()
+            out.addcmul_(task, agree)
+            mass.add_(agree.mul_(weight))
+        nonzero = magnitudes_[magnitudes_ > 0]
+        smallest = float(nonzero.min()) if nonzero.numel() else 1.0
+        return out.mul_(magnitudes_.sum()).div_(mass.clamp_(min=smallest))
+
+
+# ----------------------------------------------------------------------------- the merge
+def merge(
+    tasks: Tasks,
+    weights: Sequence[float],
+    sparsify: Sparsify,
+    consensus: Consensus,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """τ_m = consensus(sparsify(τ), λ), row chunk by row chunk; returns the d × k merge in ``tasks.dtype``."""
+    if len(weights) != tasks.n:
+        raise ValueError(f"Got {len(weights)} weights for {tasks.n} tasks: pass one weight per task.")
+    ws = Workspace(tasks)
+    sparsify.plan(tasks, generator, ws)
+    d, k = tasks.shape
+    out = torch.empty(d, k, dtype=tasks.dtype, device=tasks.device)
+    for rows in chunks(d, k):
+        trimmed = ws.tasks[:, : rows.stop - rows.start]
+        for i in range(tasks.n):
+            tasks.rows_into(i, rows, trimmed[i])
+        if math.isfinite(float(trimmed.sum())):
+            for i in range(tasks.n):
+                sparsify.apply_finite_(i, trimmed[i], rows, ws)
+            consensus.into(trimmed, weights, ws, out[rows])
+        else:
+            for i in range(tasks.n):
+                sparsify.apply_(i, trimmed[i], rows)
+            out[rows] = consensus.exact(trimmed, weights)
+    return out
+
+
+def sum_consensus() -> Consensus:
+    return Sum()
+
+
+def ties_consensus(method: str) -> Consensus:
+    return SignElection(method)
+
+
+__all__ = [
+    "Tasks", "FactoredTasks", "DenseTasks", "Top", "select_tops", "Sparsify", "KeepAll", "KeepWindow",
+    "DropAndRescale", "Consensus", "Sum", "SignElection", "merge", "sum_consensus", "ties_consensus", "chunks",
+]
