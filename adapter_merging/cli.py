@@ -192,43 +192,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(str(error))
     from .files import merge_saved_adapters
 
-    bar = None if args.quiet else _ProgressBar()
     started = time.perf_counter()
     warnings.showwarning = _show_warning if not args.quiet else (lambda *a, **k: None)
     try:
         report = merge_saved_adapters(
             plan["inputs"], plan["output"], weights=plan["weights"], combine_strategy=plan["strategy"],
             normalize_weights=bool(plan["normalize"]), overwrite_ok=args.force, name=args.name or plan.get("name"),
-            progress=bar, device=args.device, dtype=plan["dtype"], **plan["options"],
+            progress=not args.quiet, device=args.device, dtype=plan["dtype"], **plan["options"],
         )
     except KeyboardInterrupt:
-        _close(bar)
         print("adapter-merge: interrupted; nothing was written", file=sys.stderr)
         return 130
     except (ValueError, TypeError, OSError) as error:
-        _close(bar)
         print(f"adapter-merge: error: {_one_line(error)}", file=sys.stderr)
         return 1
-    _close(bar)
     if args.report:
         report.save(args.report)
     if not args.quiet:
         print(_summary(report, plan["output"], time.perf_counter() - started), file=sys.stderr)
     return 0
-
-
-class _ProgressBar:
-    """A tqdm bar over modules on stderr, made when the total is known."""
-
-    def __init__(self) -> None:
-        self.bar = None
-
-    def __call__(self, done: int, total: int) -> None:
-        if self.bar is None:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, unit="module", desc="merging", file=sys.stderr, leave=False)
-        self.bar.update(done - self.bar.n)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -237,11 +219,6 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
     if issubclass(category, MergeWarning):
         print(f"adapter-merge: warning: {_one_line(message)}", file=sys.stderr)
-
-
-def _close(bar: Optional[_ProgressBar]) -> None:
-    if bar is not None and bar.bar is not None:
-        bar.bar.close()
 
 
 def _one_line(error: BaseException) -> str:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, 
 
 import torch
 
+from ._progress import Progress, progress_reporter
 from .engine import AdapterInput, merge
 from .methods.heads import HeadConfig
 from .ops.weights import check_flag, split_names_and_weights
@@ -41,6 +42,7 @@ def average_adapter(
     majority_sign_method: Optional[SignMethod] = None,
     gamma: Optional[float] = None,
     seed: Optional[int] = None,
+    progress: Progress = None,
 ) -> MergeReport:
     """Add ``adapter_name`` to ``model`` as a weighted combination of the adapters in ``adapter_list``.
 
@@ -71,6 +73,9 @@ def average_adapter(
         (``ties``, ``dare_ties``).
     :param gamma: fraction of the largest magnitudes dropped (``breadcrumbs``; default 0.01).
     :param seed: seed of the random drop mask (``dare_*``; default 0). Same seed, same result.
+    :param progress: a progress bar over modules on stderr: None (default) shows one if the merge
+        takes longer than 2 s, True always, False never; or a callable ``progress(modules done,
+        modules in all)``.
     :returns: the `MergeReport`: per module, the relative error of the merged update against its target.
     :raises ValueError: bad names, weights, configurations or options (the message names the fix).
     :raises TypeError: arguments of the wrong type (e.g. a flag that is not a bool).
@@ -96,10 +101,14 @@ def average_adapter(
         for n in names
     ]
     options = dict(svd_tol=svd_tol, density=density, majority_sign_method=majority_sign_method, gamma=gamma, seed=seed)
-    result = merge(
-        inputs, weights, combine_strategy, normalize_weights, svd_rank,
-        {k: v for k, v in options.items() if v is not None}, name=adapter_name,
-    )
+    callback, finished = progress_reporter(progress)
+    try:
+        result = merge(
+            inputs, weights, combine_strategy, normalize_weights, svd_rank,
+            {k: v for k, v in options.items() if v is not None}, name=adapter_name, progress=callback,
+        )
+    finally:
+        finished()
     with rollback_on_error(model):
         if adapter_name in model.adapters_config:
             model.delete_adapter(adapter_name)
@@ -281,13 +290,14 @@ class ModelMixin:
         majority_sign_method: Optional[SignMethod] = None,
         gamma: Optional[float] = None,
         seed: Optional[int] = None,
+        progress: Progress = None,
     ) -> MergeReport:
         """Add ``adapter_name`` as a weighted combination of the adapters in ``adapter_list``:
         `adapter_merging.average_adapter` on this model (every parameter is documented there)."""
         return average_adapter(
             self, adapter_name, adapter_list, weights, combine_strategy, normalize_weights, overwrite_ok, set_active,
             svd_rank, svd_tol=svd_tol, density=density, majority_sign_method=majority_sign_method, gamma=gamma,
-            seed=seed,
+            seed=seed, progress=progress,
         )
 
 

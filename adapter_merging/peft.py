@@ -38,6 +38,7 @@ except ImportError as error:  # pragma: no cover - exercised in a subprocess wit
 
 import torch
 
+from ._progress import Progress, progress_reporter
 from ._warnings import warn
 from .engine import AdapterInput, merge
 from .files.formats import Layout, merged_peft_fields, peft_adapter_input
@@ -85,6 +86,7 @@ def add_weighted_adapter(
     svd_tol: Optional[float] = None,
     gamma: Optional[float] = None,
     seed: Optional[int] = None,
+    progress: Progress = None,
 ) -> MergeReport:
     """Add ``adapter_name`` to the PEFT model as the weighted combination of ``adapters``, exactly.
 
@@ -107,6 +109,9 @@ def add_weighted_adapter(
     :param svd_tol: the smallest rank whose relative error is at most this, in every module.
     :param gamma: breadcrumbs' dropped top fraction (with ``combination_type="breadcrumbs"``).
     :param seed: seed of DARE's random masks (default 0).
+    :param progress: a progress bar over modules on stderr: None (default) shows one if the merge
+        takes longer than 2 s, True always, False never; or a callable ``progress(modules done,
+        modules in all)``.
     :returns: the `MergeReport`: per module, the relative error of the merged update against its target.
     :raises ValueError: unknown adapters, an existing ``adapter_name``, adapters of another PEFT type,
         DoRA or LoRA-bias adapters, bad weights or options.
@@ -138,8 +143,12 @@ def add_weighted_adapter(
     for own in layouts:
         for module, layout in own.items():
             merged_layouts.setdefault(module, layout)
-    result = merge(list(inputs), list(weights), strategy, False, svd_rank,
-                   {k: v for k, v in options.items() if v is not None}, name=adapter_name)
+    callback, finished = progress_reporter(progress)
+    try:
+        result = merge(list(inputs), list(weights), strategy, False, svd_rank,
+                       {k: v for k, v in options.items() if v is not None}, name=adapter_name, progress=callback)
+    finally:
+        finished()
     saved = _modules_to_save(root, names)
     heads = merge(saved, list(weights), "linear", False, name=adapter_name, kind="head") if saved else None
     forward = [f for c in configs for f in (getattr(c, "feedforward_modules", None) or [])]

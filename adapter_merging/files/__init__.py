@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .. import __version__
+from .._progress import Progress, progress_reporter
 from ..engine import merge
 from ..ops.weights import check_flag
 from ..report import MergeReport
@@ -46,7 +47,7 @@ def merge_saved_adapters(
     seed: Optional[int] = None,
     device: Optional[str] = None,
     dtype: Optional[Union[str, "torch.dtype"]] = None,
-    progress: Optional[Callable[[int, int], None]] = None,
+    progress: Progress = None,
 ) -> MergeReport:
     """Merge saved adapters into ``output_dir``, with no base model loaded.
 
@@ -76,7 +77,9 @@ def merge_saved_adapters(
     :param device: where to compute (e.g. ``"cuda"``); the output is written from the CPU.
     :param dtype: the dtype of the merged adapter (``"float32"``, ``"float16"``, ``"bfloat16"``,
         ``"float64"`` or a torch dtype); the inputs are cast to it as they are read. None: theirs.
-    :param progress: called as ``progress(modules done, modules in all)`` while merging.
+    :param progress: a progress bar over modules on stderr: None (default) shows one if the merge
+        takes longer than 2 s, True always, False never; or a callable ``progress(modules done,
+        modules in all)``.
     :returns: the `MergeReport` (also written to ``merge_report.json``).
     :raises ValueError: bad inputs (a missing folder or weights file, an unreadable or unsafe file,
         mixed formats, mismatched shapes, an existing output, …), weights or options.
@@ -106,10 +109,14 @@ def merge_saved_adapters(
     options = dict(svd_tol=svd_tol, density=density, majority_sign_method=majority_sign_method, gamma=gamma, seed=seed)
     options = {k: v for k, v in options.items() if v is not None}
     started = time.perf_counter()
-    result = merge(
-        [item.adapter for item in saved], weights, combine_strategy, normalize_weights, svd_rank, options,
-        name=name, progress=progress,
-    )
+    callback, finished = progress_reporter(progress)
+    try:
+        result = merge(
+            [item.adapter for item in saved], weights, combine_strategy, normalize_weights, svd_rank, options,
+            name=name, progress=callback,
+        )
+    finally:
+        finished()
     report = result.report
     head = None
     with_head = [item for item in saved if item.head is not None]
