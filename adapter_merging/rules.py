@@ -22,7 +22,7 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from .ops import chunked
-from .ops.dense_svd import dense_difference, dense_low_rank
+from .ops.dense_svd import dense_difference, dense_low_rank, squared_norm
 from .ops.lowrank import (
     LowRankSVD,
     difference_norm,
@@ -209,7 +209,7 @@ def measure_refactorisation(dense: torch.Tensor, svd: LowRankSVD, stored: Factor
     ‖τ_m − U_q S_q Vh_q‖² = ‖τ_m‖² − Σ_{j≤q} Sⱼ²: a large truncation error costs no product with the
     d × k matrix; the factors' storage error (``cast_sq``, `split_and_measure`) is added by the triangle
     inequality (an upper bound: never less than the error). A small one is measured densely."""
-    ref_sq = float(torch.linalg.vector_norm(dense, dtype=torch.float64)) ** 2
+    ref_sq = squared_norm(dense)
     kept_sq = float((svd.S.to(torch.float64) ** 2).sum())
     truncation_sq = ref_sq - kept_sq
     if truncation_sq > FORMULA_ABOVE * ref_sq:

@@ -100,12 +100,25 @@ def dense_low_rank(
     return randomized_svd(delta_w, svd_rank, oversample=oversample, n_iter=n_iter, generator=generator)
 
 
+def squared_norm(matrix: torch.Tensor) -> float:
+    """‖M‖²_F as Σ_rows ‖M_row‖²: each row's norm in M's own dtype (a pairwise sum of k squares, relative
+    error ≈ log₂k·eps: 3e-8 measured for float32 rows of 11008), squared and summed in float64. About
+    20× faster than converting a float32 M to float64; the float64 route is taken if a row's norm
+    overflows."""
+    rows = matrix.reshape(-1, matrix.shape[-1]) if matrix.ndim else matrix.reshape(1, 1)
+    if rows.dtype in (torch.float32, torch.float64):
+        total = float((torch.linalg.vector_norm(rows, dim=1).double() ** 2).sum())
+        if math.isfinite(total) or not bool(torch.isfinite(rows).all()):
+            return total
+    return float(torch.linalg.vector_norm(rows, dtype=torch.float64)) ** 2
+
+
 def dense_difference(
     delta_w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, scaling: float = 1.0
 ) -> tuple[float, float]:
     """(‖ΔW − s·B·A‖²_F, ‖ΔW‖²_F), a chunk of rows at a time: the products in ΔW's dtype (float32 for a
-    float32 ΔW, whose own rounding is of that size), the squares summed in float64. Never forms a
-    second d × k matrix."""
+    float32 ΔW, whose own rounding is of that size), the squares summed by `squared_norm`. Never
+    forms a second d × k matrix."""
     work = delta_w.dtype if delta_w.dtype in (torch.float32, torch.float64) else torch.float32
     b_work, a_work = b.to(device=delta_w.device, dtype=work), a.to(device=delta_w.device, dtype=work)
     step = max(1, (1 << 18) // max(1, delta_w.shape[1]))
@@ -113,8 +126,8 @@ def dense_difference(
     for start in range(0, delta_w.shape[0], step):
         rows = delta_w[start : start + step].to(work)
         diff = rows - float(scaling) * (b_work[start : start + step] @ a_work)
-        diff_sq += float(torch.linalg.vector_norm(diff, dtype=torch.float64)) ** 2
-        ref_sq += float(torch.linalg.vector_norm(rows, dtype=torch.float64)) ** 2
+        diff_sq += squared_norm(diff)
+        ref_sq += squared_norm(rows)
     return diff_sq, ref_sq
 
 
@@ -128,4 +141,4 @@ def dense_relative_error(
     return math.sqrt(diff_sq / ref_sq)
 
 
-__all__ = ["dense_low_rank", "randomized_svd", "dense_difference", "dense_relative_error"]
+__all__ = ["dense_low_rank", "randomized_svd", "squared_norm", "dense_difference", "dense_relative_error"]

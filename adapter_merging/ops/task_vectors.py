@@ -11,6 +11,7 @@ sign, ⊙ the element-wise product. Ranks by magnitude are broken deterministica
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from numbers import Real
 from typing import List, Optional, Sequence, Union
 
@@ -157,14 +158,29 @@ def dare_bits(numel: int, density: float, generator: Optional[torch.Generator] =
     by numpy's stability policy, so one seed gives one mask on every machine; and it is 4–5× faster
     than float64 uniforms from torch (measured: 0.07 s against 0.33 s for 45 M entries), which
     dominated DARE's cost."""
-    density = check_density(density)
-    seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator, dtype=torch.int64))
+    return dare_bits_many(numel, [density], generator)[0]
+
+
+def dare_bits_many(numel: int, densities: Sequence[float], generator: Optional[torch.Generator] = None) -> List[np.ndarray]:
+    """`dare_bits` of one size for each density in turn: the seeds drawn from ``generator`` in order,
+    the masks made in parallel (numpy releases the GIL; up to ``torch.get_num_threads()`` threads),
+    so the result is that of drawing them one after another."""
+    densities = [check_density(density) for density in densities]
+    seeds = [int(torch.randint(0, 2**63 - 1, (1,), generator=generator, dtype=torch.int64)) for _ in densities]
+    workers = max(1, min(len(seeds), torch.get_num_threads()))
+    if workers == 1:
+        return [_pcg64_mask(numel, density, seed) for density, seed in zip(densities, seeds)]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(_pcg64_mask, [numel] * len(seeds), densities, seeds))
+
+
+def _pcg64_mask(numel: int, density: float, seed: int) -> np.ndarray:
     stream = np.random.PCG64(seed)
-    threshold = np.uint64(round(density * 2**32))
+    threshold = round(density * 2**32)
     packed, left = [], numel
     while left > 0:
         raw = stream.random_raw(min(_DARE_BLOCK, (left + 1) // 2)).astype("<u8", copy=False).view("<u4")[:left]
-        packed.append(np.packbits(raw.astype(np.uint64) < threshold if threshold < 2**32 else np.ones(raw.shape, bool)))
+        packed.append(np.packbits(raw < np.uint32(threshold) if threshold < 2**32 else np.ones(raw.shape, bool)))
         left -= raw.size
     return np.concatenate(packed) if packed else np.zeros(0, np.uint8)
 
@@ -395,6 +411,9 @@ __all__ = [
     "magnitude_mask",
     "breadcrumbs_mask",
     "dare_mask",
+    "dare_bits",
+    "dare_bits_many",
+    "unpack_bits",
     "elect_sign",
     "disjoint_merge",
     "task_arithmetic",

@@ -221,3 +221,18 @@ def test_invalid_options(kwargs):
 def test_needs_2d():
     with pytest.raises(ValueError, match="2-D"):
         dense_low_rank(torch.zeros(2, 3, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(37, 11008), (5, 3), (1, 1), (0, 4), (7,)])
+def test_squared_norm_matches_a_float64_sum(shape, dtype):
+    matrix = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    expected = float((matrix.double() ** 2).sum())
+    assert dense_svd.squared_norm(matrix) == pytest.approx(expected, rel=1e-7 if dtype == torch.float32 else 1e-14)
+
+
+def test_squared_norm_takes_the_float64_route_where_float32_overflows():
+    matrix = torch.full((3, 4), 3e30, dtype=torch.float32)  # (3e30)² overflows float32, not float64
+    assert dense_svd.squared_norm(matrix) == pytest.approx(12 * 9e60, rel=1e-6)
+    matrix[0, 0] = math.inf
+    assert dense_svd.squared_norm(matrix) == math.inf

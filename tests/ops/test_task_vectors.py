@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.testing import assert_close
 
+from adapter_merging.ops import task_vectors
 from adapter_merging.ops.task_vectors import (
     breadcrumbs,
     breadcrumbs_mask,
@@ -442,6 +443,21 @@ def test_dare_masks_drawn_per_task_in_order():
     masks = [dare_mask((3, 4), 0.5, gen) for _ in range(3)]
     expected = sum(w * torch.where(m, t / 0.5, torch.zeros_like(t)) for w, m, t in zip(WEIGHTS, masks, tasks))
     assert_close(dare_linear(tasks, WEIGHTS, 0.5, torch.Generator().manual_seed(5)), expected)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_dare_masks_made_in_parallel_are_those_drawn_one_after_another(threads, monkeypatch):
+    """`dare_bits_many` draws the seeds in order and makes the masks in threads: the same masks as
+    `dare_mask` one after another, whatever the thread count, and the generator left in the same state."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    densities = [0.5, 0.2, 1.0, 0.7]
+    first, second = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    packed = task_vectors.dare_bits_many(1001, densities, first)
+    for bits, density in zip(packed, densities):
+        expected = dare_mask((7, 143), density, second)
+        assert torch.equal(task_vectors.unpack_bits(bits, 0, 1001).reshape(7, 143), expected)
+    assert torch.equal(first.get_state(), second.get_state())
+    assert bool(task_vectors.unpack_bits(packed[2], 0, 1001).all())  # density 1 keeps everything
 
 
 def test_dare_linear_expectation_is_task_arithmetic():
