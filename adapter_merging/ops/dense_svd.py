@@ -28,6 +28,7 @@ def randomized_svd(
     oversample: int = 10,
     n_iter: int = 2,
     generator: Optional[torch.Generator] = None,
+    tol: Optional[float] = None,
 ) -> LowRankSVD:
     """Randomized truncated SVD (Halko et al. 2011, Alg. 4.4 + 5.1):
 
@@ -37,6 +38,13 @@ def randomized_svd(
     are computed in its own dtype (float32 for a float32 ΔW: 5–7× faster than float64 at the same
     error relative to the optimum, measured in ``benchmarks/compare_randomized_svd.py``); the thin
     QRs, the small SVD and the result are float64.
+
+    With ``tol``, ``n_iter`` is a maximum: after each iteration, the energy the top ``rank`` directions
+    hold, e = Σ_{j≤rank} Sⱼ² (from the R of the QR of ΔWᵀQ, which the next step needs anyway), gained
+    g over the previous iteration. The gains fall geometrically, so the energy still to gain is about
+    g·ρ/(1 − ρ) with ρ the ratio of the last two gains; the iterations stop when that is below
+    2·``tol`` times the energy left out, ‖ΔW‖² − e: the error, √(‖ΔW‖² − e), would fall by less than
+    about ``tol`` relatively.
 
     This is the algorithm of ``torch.svd_lowrank`` (which re-orthonormalises the same way; measured
     side by side in ``benchmarks/compare_randomized_svd.py``: the same error and the same time in
@@ -51,24 +59,46 @@ def randomized_svd(
     work = w.dtype
     d, k = w.shape
     width = min(rank + oversample, d, k)
+    total = squared_norm(w) if tol is not None else 0.0
     omega = torch.randn(k, width, generator=generator, dtype=torch.float64, device="cpu").to(w.device)
     q, _ = torch.linalg.qr((w @ omega.to(work)).double(), mode="reduced")
-    for _ in range(n_iter):
-        z, _ = torch.linalg.qr((w.T @ q.to(work)).double(), mode="reduced")
+    energies: list = []
+    for step in range(n_iter + 1):
+        z, r = torch.linalg.qr((w.T @ q.to(work)).double(), mode="reduced")  # ΔWᵀQ = Z·R, so QᵀΔW = Rᵀ·Zᵀ
+        if step == n_iter:
+            break
+        if tol is not None:
+            energies.append(float((torch.linalg.svdvals(r)[:rank] ** 2).sum()))
+            if _converged(energies, total, tol):
+                break
         q, _ = torch.linalg.qr((w @ z.to(work)).double(), mode="reduced")
-    u_small, s, vh = torch.linalg.svd((w.T @ q.to(work)).double().T, full_matrices=False)
+    u_small, s, v_small_h = torch.linalg.svd(r.T, full_matrices=False)  # QᵀΔW = Û S (Z V̂)ᵀ
     keep = min(rank, s.numel())
-    return LowRankSVD((q @ u_small[:, :keep]).contiguous(), s[:keep].contiguous(), vh[:keep].contiguous())
+    vh = v_small_h[:keep] @ z.T
+    return LowRankSVD((q @ u_small[:, :keep]).contiguous(), s[:keep].contiguous(), vh.contiguous())
+
+
+def _converged(energies: list, total: float, tol: float) -> bool:
+    """Whether the energy still to gain, estimated as g·ρ/(1 − ρ) from the last two gains (ρ capped at
+    0.95), is at most 2·tol·(total − e) (`randomized_svd`)."""
+    if len(energies) < 3:
+        return False
+    gain, previous = energies[-1] - energies[-2], energies[-2] - energies[-3]
+    if gain <= 0:
+        return True
+    ratio = min(gain / previous, 0.95) if previous > 0 else 0.95
+    return gain * ratio / (1 - ratio) <= 2 * tol * max(total - energies[-1], 0.0)
 
 
 def dense_low_rank(
     delta_w: torch.Tensor,
     svd_rank: Optional[int] = None,
     rel_tol: Optional[float] = None,
-    randomized_threshold: int = 1024,
+    randomized_threshold: int = 256,
     oversample: int = 10,
     n_iter: int = 2,
     generator: Optional[torch.Generator] = None,
+    tol: Optional[float] = None,
 ) -> LowRankSVD:
     """Truncated SVD ΔW ≈ U diag(S) Vh with U (d × q), S (q), Vh (q × k), all float64.
 
@@ -76,7 +106,10 @@ def dense_low_rank(
       (``svd_rank`` wins over ``rel_tol``; neither keeps the full rank). Used when
       min(d, k) ≤ ``randomized_threshold``, when ``svd_rank`` is None, or when
       svd_rank + oversample ≥ min(d, k) (a sketch that wide saves nothing);
-    * randomized: `randomized_svd` with q = svd_rank otherwise.
+    * randomized: `randomized_svd` with q = svd_rank otherwise (``n_iter`` power iterations, or up to
+      ``n_iter`` until converged to ``tol``). An exact SVD of a 1024 × 2752 float64 matrix takes 1 s
+      here against 0.05 s for the randomized one at rank 48 within 0.05 % of its optimal error, hence
+      the threshold of 256, below which both take milliseconds.
     """
     if delta_w.ndim != 2:
         raise ValueError(f"dense_low_rank needs a 2-D update (d × k), got shape {tuple(delta_w.shape)}.")
@@ -97,7 +130,7 @@ def dense_low_rank(
         d, k = delta_w.shape
         zeros = dict(dtype=torch.float64, device=delta_w.device)
         return LowRankSVD(torch.zeros(d, 0, **zeros), torch.zeros(0, **zeros), torch.zeros(0, k, **zeros))
-    return randomized_svd(delta_w, svd_rank, oversample=oversample, n_iter=n_iter, generator=generator)
+    return randomized_svd(delta_w, svd_rank, oversample=oversample, n_iter=n_iter, generator=generator, tol=tol)
 
 
 def squared_norm(matrix: torch.Tensor) -> float:
