@@ -27,11 +27,13 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -119,14 +121,113 @@ def peak_rss_mb(args: List[str]) -> Tuple[float, float]:
     return float(wall), float(peak)
 
 
-def cli(folders: List[Path], out: Path) -> Dict[str, float]:
+def cli(folders: List[Path], out: Path, strategy: str = "lora_delta_w_svd") -> Dict[str, float]:
     """The command line in a subprocess: wall time, peak resident memory, and the peak of the same
     process that only imports the package and exits (what Python, torch and adapters take)."""
     args = [sys.executable, "-m", "adapter_merging", *[f"{f}:{w}" for f, w in zip(folders, WEIGHTS)], "--no-normalize",
-            "-s", "lora_delta_w_svd", "-o", str(out), "-q"]
+            "-s", strategy, "-o", str(out), "-q"]
     wall, peak = peak_rss_mb(args)
     _, baseline = peak_rss_mb([sys.executable, "-c", "import adapter_merging.cli, adapter_merging.files"])
     return {"wall": wall, "peak_rss_mb": peak, "import_only_rss_mb": baseline, "extra_mb": peak - baseline}
+
+
+def ties_floor(folders: List[Path], out: Path, density: float = 0.2) -> Dict[str, float]:
+    """The arithmetic no dense task-vector merge avoids, done plainly: read; per module each ΔWᵢ = sᵢBᵢAᵢ
+    formed once (float32) and summed, and one randomized range finder on the d × k sum (the four products
+    of rank 48 + 10 with one power iteration, no selection, no masks); write the factors."""
+    from safetensors.torch import load_file, save_file
+
+    times = {}
+    start = time.perf_counter()
+    inputs = [load_file(str(f / "adapter_model.safetensors")) for f in folders]
+    times["read"] = time.perf_counter() - start
+    start = time.perf_counter()
+    scaling, rank = ALPHA / RANK, 3 * RANK
+    generator = torch.Generator().manual_seed(0)
+    merged = {}
+    for key in [k for k in inputs[0] if k.endswith("lora_A.weight")]:
+        b_key = key.replace("lora_A", "lora_B")
+        dense = torch.zeros(inputs[0][b_key].shape[0], inputs[0][key].shape[1])
+        for w, x in zip(WEIGHTS, inputs):
+            dense.addmm_(x[b_key], x[key], alpha=w * scaling)
+        omega = torch.randn(dense.shape[1], rank + 10, generator=generator)
+        q = torch.linalg.qr(dense @ omega).Q
+        q = torch.linalg.qr(dense @ torch.linalg.qr(dense.T @ q).Q).Q
+        u, s, vh = torch.linalg.svd(q.T @ dense, full_matrices=False)
+        merged[b_key] = ((q @ u[:, :rank]) * s[:rank]).contiguous()
+        merged[key] = vh[:rank].contiguous()
+    times["compute"] = time.perf_counter() - start
+    start = time.perf_counter()
+    out.mkdir(parents=True)
+    save_file(merged, str(out / "adapter_model.safetensors"))
+    times["write"] = time.perf_counter() - start
+    times["total"] = times["read"] + times["compute"] + times["write"]
+    return times
+
+
+#: the floor each strategy is compared with
+FLOORS = {"lora_delta_w_svd": floor, "ties": ties_floor}
+
+
+def measure(layers: int, scale: int, repeats, strategies=("lora_delta_w_svd",), with_cli: bool = True,
+            log=print) -> dict:
+    """Generate the set, then per strategy its floor and the merge interleaved ``repeats`` times (an int,
+    or a dict by strategy; medians), and (``with_cli``) the command line once per strategy."""
+    from adapter_merging import merge_saved_adapters
+
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        start = time.perf_counter()
+        folders = generate(tmp / "inputs", layers, scale)
+        out["generate_s"] = round(time.perf_counter() - start, 2)
+        out["input_mb"] = round(sum(f.stat().st_size for d in folders for f in d.iterdir()) / 2**20, 1)
+        for strategy in strategies:
+            floors, merges = [], []
+            runs = repeats[strategy] if isinstance(repeats, dict) else repeats
+            for repeat in range(runs):  # interleaved, so that the machine's load hits both alike
+                log(f"7B-shaped set from files, {strategy}: floor and merge, run {repeat + 1} of {runs}")
+                floors.append(FLOORS[strategy](folders, tmp / f"floor_{strategy}{repeat}"))
+                start = time.perf_counter()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # ties' truncation warning is expected at rank Σ rᵢ
+                    report = merge_saved_adapters(folders, tmp / f"merged_{strategy}{repeat}", weights=WEIGHTS,
+                                                  combine_strategy=strategy, normalize_weights=False, progress=False)
+                merges.append(time.perf_counter() - start)
+                shutil.rmtree(tmp / f"floor_{strategy}{repeat}")
+                shutil.rmtree(tmp / f"merged_{strategy}{repeat}")
+            plain = {key: statistics.median(f[key] for f in floors) for key in floors[0]}
+            merge_seconds = statistics.median(merges)
+            result = {
+                "floor_s": {k: round(v, 3) for k, v in plain.items()},
+                "merge_s": round(merge_seconds, 3),
+                "merge_runs_s": [round(m, 3) for m in merges],
+                "floor_runs_s": [round(f["total"], 3) for f in floors],
+                "merge_over_floor": round(merge_seconds / plain["total"], 2),
+                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                "max_error": report.max_error,
+                "rank": report.rank,
+                "modules": len(report.modules),
+            }
+            if with_cli:
+                log(f"7B-shaped set from files, {strategy}: the command line")
+                result["cli"] = {k: round(v, 2) for k, v in cli(folders, tmp / f"cli_{strategy}", strategy).items()}
+                shutil.rmtree(tmp / f"cli_{strategy}")
+            out[strategy] = result
+    return out
+
+
+def suite(quick: bool) -> dict:
+    """The benchmark suite's section (``python -m benchmarks.run``), in its own process: both strategies
+    on the 7B-shaped set (quick: 2 layers at 1/16 size, no command line)."""
+    from benchmarks.common import log_to_stderr
+
+    layers, scale = (2, 16) if quick else (32, 1)
+    measured = measure(layers, scale, 1 if quick else {"lora_delta_w_svd": 3, "ties": 2},
+                       ("lora_delta_w_svd", "ties"), with_cli=not quick, log=log_to_stderr)
+    measured["setup"] = {"layers": layers, "hidden_scale": scale, "rank": RANK, "alpha": ALPHA, "inputs": 3,
+                         "weights": WEIGHTS, "modules_per_layer": list(SHAPES), "format": "PEFT (safetensors)"}
+    return measured
 
 
 def main() -> None:
@@ -135,53 +236,38 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of the floor and the merge, interleaved (medians)")
+    parser.add_argument("--strategies", default="lora_delta_w_svd", help=f"comma-separated, of {', '.join(FLOORS)}")
     parser.add_argument("--save", action="store_true", help=f"write the result to {RESULT.relative_to(ROOT)}")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     layers, scale = (2, 4) if args.quick else (args.layers, 1)
-    from adapter_merging import merge_saved_adapters
-
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        start = time.perf_counter()
-        folders = generate(tmp / "inputs", layers, scale)
-        generated = time.perf_counter() - start
-        size_mb = sum(f.stat().st_size for d in folders for f in d.iterdir()) / 2**20
-        floors, merges = [], []
-        for repeat in range(args.repeats):  # interleaved, so that the machine's load hits both alike
-            floors.append(floor(folders, tmp / f"floor{repeat}"))
-            start = time.perf_counter()
-            report = merge_saved_adapters(folders, tmp / f"merged{repeat}", weights=WEIGHTS,
-                                          combine_strategy="lora_delta_w_svd", normalize_weights=False)
-            merges.append(time.perf_counter() - start)
-        plain = {key: statistics.median(f[key] for f in floors) for key in floors[0]}
-        merge_seconds = statistics.median(merges)
-        command = cli(folders, tmp / "cli")
+    strategies = [s for s in args.strategies.split(",") if s]
+    measured = measure(layers, scale, args.repeats, strategies)
     result = {
         "date": datetime.date.today().isoformat(),
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
                     "torch": torch.__version__, "system": platform.platform()},
-        "setup": {"layers": layers, "modules": len(report.modules), "rank": RANK, "inputs": 3, "input_mb": round(size_mb, 1),
-                  "quick": args.quick},
-        "generate_s": round(generated, 2),
+        "setup": {"layers": layers, "rank": RANK, "inputs": 3, "input_mb": measured["input_mb"], "quick": args.quick},
+        "generate_s": measured["generate_s"],
         "repeats": args.repeats,
-        "floor_s": {k: round(v, 3) for k, v in plain.items()},
-        "merge_s": round(merge_seconds, 3),
-        "merge_runs_s": [round(m, 3) for m in merges],
-        "floor_runs_s": [round(f["total"], 3) for f in floors],
-        "merge_over_floor": round(merge_seconds / plain["total"], 2),
-        "max_error": report.max_error,
-        "rank": report.rank,
-        "cli": {k: round(v, 2) for k, v in command.items()},
     }
-    print(f"{layers} layers, {len(report.modules)} modules, 3 inputs of {size_mb / 3:.0f} MB, rank {RANK} → {report.rank}")
-    print(f"  floor   read {plain['read']:.2f} s + compute {plain['compute']:.2f} s + write {plain['write']:.2f} s "
-          f"= {plain['total']:.2f} s (median of {args.repeats})")
-    print(f"  merge   {merge_seconds:.2f} s (median of {args.repeats}) = {result['merge_over_floor']:.2f}× the floor; "
-          f"max relative error {report.max_error:.2e}")
-    print(f"  CLI     {command['wall']:.2f} s wall (start-up included), peak RSS {command['peak_rss_mb']:.0f} MB, "
-          f"of which {command['extra_mb']:.0f} MB above an import-only run")
+    for strategy in strategies:
+        got = measured[strategy]
+        plain, command = got["floor_s"], got["cli"]
+        print(f"{strategy}: {layers} layers, {got['modules']} modules, 3 inputs of {measured['input_mb'] / 3:.0f} MB, "
+              f"rank {RANK} → {got['rank']}")
+        print(f"  floor   read {plain['read']:.2f} s + compute {plain['compute']:.2f} s + write {plain['write']:.2f} s "
+              f"= {plain['total']:.2f} s (median of {args.repeats})")
+        print(f"  merge   {got['merge_s']:.2f} s (median of {args.repeats}) = {got['merge_over_floor']:.2f}× the floor; "
+              f"max relative error {got['max_error']:.2e}")
+        print(f"  CLI     {command['wall']:.2f} s wall (start-up included), peak RSS {command['peak_rss_mb']:.0f} MB, "
+              f"of which {command['extra_mb']:.0f} MB above an import-only run")
+    if strategies == ["lora_delta_w_svd"]:  # the committed file's schema: that strategy's numbers at the top level
+        result.update({k: v for k, v in measured["lora_delta_w_svd"].items() if k != "modules"})
+        result["setup"]["modules"] = measured["lora_delta_w_svd"]["modules"]
+    else:
+        result["strategies"] = {s: measured[s] for s in strategies}
     if args.save:
         RESULT.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         print(f"saved {RESULT.relative_to(ROOT)}")

@@ -28,21 +28,20 @@ names a committed results file.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
 import re
 import subprocess
 import sys
-import threading
 import time
-import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS_DIR = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))  # run as a script too
+
+from benchmarks.common import RESULTS_DIR, PeakRSS, format_ratio, machine_info, random_factors  # noqa: E402
+
 #: the committed results: torch threads of the reference run → its file
 COMMITTED = {1: RESULTS_DIR / "bench_lora_svd.json", None: RESULTS_DIR / "bench_lora_svd_default_threads.json"}
 NAMES = ["lora_1", "lora_2", "lora_3"]
@@ -57,50 +56,6 @@ def canonical(path: str) -> str:
     if not match:
         raise ValueError(f"unexpected LoRA module path {path}")
     return f"layers.{match.group(1)}.{match.group(2)}.{match.group(3)}"
-
-
-def random_factors(adapter: int, key: str, r: int, d_out: int, d_in: int):
-    """Seeded (B, A) of one adapter at one module, the same in every library: A ~ N(0, 1/d_in),
-    B ~ N(0, 0.02²), both non-zero (as if trained)."""
-    import torch
-
-    generator = torch.Generator().manual_seed(zlib.crc32(f"{adapter}:{key}".encode()))
-    a = torch.randn(r, d_in, generator=generator) / math.sqrt(d_in)
-    b = 0.02 * torch.randn(d_out, r, generator=generator)
-    return b, a
-
-
-class PeakRSS:
-    """Peak resident memory of this process while the block runs, sampled every 2 ms."""
-
-    def __init__(self):
-        self.peak = self.start = self._rss()
-        self._stop = threading.Event()
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.002)
-
-    def __enter__(self):
-        self.start = self.peak = self._rss()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
-
-    @property
-    def extra_mb(self) -> float:
-        return (self.peak - self.start) / 2**20
 
 
 def llama(args):
@@ -256,43 +211,6 @@ def side_main(args) -> None:
 
 
 # ============================================================================ driver
-def machine_info() -> dict:
-    import adapters
-    import torch
-    import transformers
-
-    info = {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cpu_model": _cpu_model(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "adapters": adapters.__version__,
-        "transformers": transformers.__version__,
-        "load_average_at_start": list(os.getloadavg()),
-    }
-    try:
-        import peft
-
-        info["peft"] = peft.__version__
-    except ImportError:  # pragma: no cover
-        info["peft"] = None
-    return info
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:  # pragma: no cover
-        pass
-    return platform.processor()
-
-
 def run_side(side: str, args) -> dict:
     command = [
         sys.executable, str(Path(__file__).resolve()), "--side", side,
@@ -316,20 +234,6 @@ def run_side(side: str, args) -> dict:
     result["subprocess_wall_s"] = wall
     print(f"[{side}] merge {result['seconds']:.3f} s, error {result['max_relative_error']:.3e}", flush=True)
     return result
-
-
-def format_ratio(ratio: float) -> str:
-    """A time ratio with two significant digits below 10 and whole numbers above, and a ×:
-    0.42 → '0.42×', 3.14 → '3.1×', 31.4 → '31×', 318.2 → '318×' (never '0×' for a ratio below 1)."""
-    if not math.isfinite(ratio):
-        return "n/a" if math.isnan(ratio) else "inf×"
-    if ratio <= 0:
-        return f"{ratio:g}×"
-    decimals = max(0, 1 - math.floor(math.log10(ratio)))
-    text = f"{ratio:.{decimals}f}"
-    if decimals and float(text) >= 10:  # 9.96 rounds up to 10.0: one digit fewer
-        text = f"{ratio:.{decimals - 1}f}"
-    return text + "×"
 
 
 def table(results: dict) -> str:
