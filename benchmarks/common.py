@@ -151,23 +151,28 @@ def in_subprocess(module: str, function: str, kwargs: Dict[str, Any], timeout: f
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     tail: List[str] = []
+    output: List[str] = []
 
-    def relay() -> None:
+    def relay() -> None:  # the only reader of stderr (``communicate`` would race it for the lines)
         for line in process.stderr:
             sys.stderr.write(line)
             tail.append(line)
             del tail[:-40]
 
-    relaying = threading.Thread(target=relay, daemon=True)
-    relaying.start()
+    readers = [threading.Thread(target=relay, daemon=True),
+               threading.Thread(target=lambda: output.append(process.stdout.read()), daemon=True)]
+    for reader in readers:
+        reader.start()
     try:
-        stdout, _ = process.communicate(timeout=timeout)
+        process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         process.kill()
-        process.communicate()
+        process.wait()
         return {"status": "timeout", "timeout_s": timeout}
     finally:
-        relaying.join(timeout=5)
+        for reader in readers:
+            reader.join(timeout=5)
+    stdout = "".join(output)
     lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
     if process.returncode != 0 or not lines:
         return {"status": "failed", "returncode": process.returncode, "stderr_tail": "".join(tail)[-3000:]}
