@@ -77,8 +77,9 @@ def generate(folder: Path, layers: int, hidden_scale: int = 1) -> List[Path]:
     return folders
 
 
-def floor(folders: List[Path], out: Path) -> Dict[str, float]:
-    """Read, factored SVD per module, write — plainly, each part timed."""
+def timed_floor(folders: List[Path], out: Path, compute) -> Dict[str, float]:
+    """Read every file (``load_file``), ``compute(inputs) -> {key: tensor}``, write (``save_file``);
+    each part timed, in seconds, and their total."""
     from safetensors.torch import load_file, save_file
 
     times = {}
@@ -86,18 +87,7 @@ def floor(folders: List[Path], out: Path) -> Dict[str, float]:
     inputs = [load_file(str(f / "adapter_model.safetensors")) for f in folders]
     times["read"] = time.perf_counter() - start
     start = time.perf_counter()
-    scaling = ALPHA / RANK
-    merged = {}
-    for key in [k for k in inputs[0] if k.endswith("lora_A.weight")]:
-        b_key = key.replace("lora_A", "lora_B")
-        b_cat = torch.cat([w * scaling * x[b_key].double() for w, x in zip(WEIGHTS, inputs)], dim=1)
-        a_cat = torch.cat([x[key].double() for x in inputs], dim=0)
-        q_b, r_b = torch.linalg.qr(b_cat)
-        q_a, r_a = torch.linalg.qr(a_cat.T)
-        u, s, vh = torch.linalg.svd(r_b @ r_a.T)
-        root = (s / scaling).sqrt()
-        merged[b_key] = ((q_b @ u) * root).float().contiguous()
-        merged[key] = (root[:, None] * (vh @ q_a.T)).float().contiguous()
+    merged = compute(inputs)
     times["compute"] = time.perf_counter() - start
     start = time.perf_counter()
     out.mkdir(parents=True)
@@ -105,6 +95,31 @@ def floor(folders: List[Path], out: Path) -> Dict[str, float]:
     times["write"] = time.perf_counter() - start
     times["total"] = times["read"] + times["compute"] + times["write"]
     return times
+
+
+def lora_a_keys(inputs: List[Dict[str, torch.Tensor]]) -> List[str]:
+    """The ``lora_A`` keys of the first input (each names one module)."""
+    return [k for k in inputs[0] if k.endswith("lora_A.weight")]
+
+
+def floor(folders: List[Path], out: Path) -> Dict[str, float]:
+    """Read, factored SVD per module, write — plainly, each part timed."""
+    def compute(inputs):
+        scaling = ALPHA / RANK
+        merged = {}
+        for key in lora_a_keys(inputs):
+            b_key = key.replace("lora_A", "lora_B")
+            b_cat = torch.cat([w * scaling * x[b_key].double() for w, x in zip(WEIGHTS, inputs)], dim=1)
+            a_cat = torch.cat([x[key].double() for x in inputs], dim=0)
+            q_b, r_b = torch.linalg.qr(b_cat)
+            q_a, r_a = torch.linalg.qr(a_cat.T)
+            u, s, vh = torch.linalg.svd(r_b @ r_a.T)
+            root = (s / scaling).sqrt()
+            merged[b_key] = ((q_b @ u) * root).float().contiguous()
+            merged[key] = (root[:, None] * (vh @ q_a.T)).float().contiguous()
+        return merged
+
+    return timed_floor(folders, out, compute)
 
 
 def peak_rss_mb(args: List[str]) -> Tuple[float, float]:
@@ -135,34 +150,24 @@ def ties_floor(folders: List[Path], out: Path, density: float = 0.2) -> Dict[str
     """The arithmetic no dense task-vector merge avoids, done plainly: read; per module each ΔWᵢ = sᵢBᵢAᵢ
     formed once (float32) and summed, and one randomized range finder on the d × k sum (the four products
     of rank 48 + 10 with one power iteration, no selection, no masks); write the factors."""
-    from safetensors.torch import load_file, save_file
+    def compute(inputs):
+        scaling, rank = ALPHA / RANK, 3 * RANK
+        generator = torch.Generator().manual_seed(0)
+        merged = {}
+        for key in lora_a_keys(inputs):
+            b_key = key.replace("lora_A", "lora_B")
+            dense = torch.zeros(inputs[0][b_key].shape[0], inputs[0][key].shape[1])
+            for w, x in zip(WEIGHTS, inputs):
+                dense.addmm_(x[b_key], x[key], alpha=w * scaling)
+            omega = torch.randn(dense.shape[1], rank + 10, generator=generator)
+            q = torch.linalg.qr(dense @ omega).Q
+            q = torch.linalg.qr(dense @ torch.linalg.qr(dense.T @ q).Q).Q
+            u, s, vh = torch.linalg.svd(q.T @ dense, full_matrices=False)
+            merged[b_key] = ((q @ u[:, :rank]) * s[:rank]).contiguous()
+            merged[key] = vh[:rank].contiguous()
+        return merged
 
-    times = {}
-    start = time.perf_counter()
-    inputs = [load_file(str(f / "adapter_model.safetensors")) for f in folders]
-    times["read"] = time.perf_counter() - start
-    start = time.perf_counter()
-    scaling, rank = ALPHA / RANK, 3 * RANK
-    generator = torch.Generator().manual_seed(0)
-    merged = {}
-    for key in [k for k in inputs[0] if k.endswith("lora_A.weight")]:
-        b_key = key.replace("lora_A", "lora_B")
-        dense = torch.zeros(inputs[0][b_key].shape[0], inputs[0][key].shape[1])
-        for w, x in zip(WEIGHTS, inputs):
-            dense.addmm_(x[b_key], x[key], alpha=w * scaling)
-        omega = torch.randn(dense.shape[1], rank + 10, generator=generator)
-        q = torch.linalg.qr(dense @ omega).Q
-        q = torch.linalg.qr(dense @ torch.linalg.qr(dense.T @ q).Q).Q
-        u, s, vh = torch.linalg.svd(q.T @ dense, full_matrices=False)
-        merged[b_key] = ((q @ u[:, :rank]) * s[:rank]).contiguous()
-        merged[key] = vh[:rank].contiguous()
-    times["compute"] = time.perf_counter() - start
-    start = time.perf_counter()
-    out.mkdir(parents=True)
-    save_file(merged, str(out / "adapter_model.safetensors"))
-    times["write"] = time.perf_counter() - start
-    times["total"] = times["read"] + times["compute"] + times["write"]
-    return times
+    return timed_floor(folders, out, compute)
 
 
 #: the floor each strategy is compared with
