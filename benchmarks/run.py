@@ -1,6 +1,6 @@
 """The benchmark suite of adapter_merging: one entry point, one run, every comparison side by side.
 
-    python -m benchmarks.run                   # every section at full size (about an hour on 2 cores)
+    python -m benchmarks.run                   # every section at full size (about 40 minutes on 2 cores)
     python -m benchmarks.run --quick           # tiny shapes: a smoke test of every section (about a minute)
     python -m benchmarks.run --only task_vectors,scaling
     python -m benchmarks.run --publish         # full run, and replace the committed results (see below)
