@@ -17,6 +17,7 @@ section.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -27,7 +28,17 @@ from typing import Any, Callable, Dict, List, Optional
 
 from benchmarks.common import RESULTS_DIR, ROOT, in_subprocess, log_to_stderr, machine_info
 
-SECTION_NAMES = ("refactorisation", "task_vectors", "lora_layer", "files_7b", "bottleneck", "scaling")
+#: section → (module in benchmarks/, its function taking ``quick``, timeout in seconds when the section runs
+#: in its own process here, or None when the function runs its own subprocesses)
+SECTIONS = {
+    "refactorisation": ("refactorisation", "run", 3600),
+    "task_vectors": ("task_vectors_layer", "run", None),
+    "lora_layer": ("lora_layer", "run", None),
+    "files_7b": ("bench_files_7b", "suite", 5400),
+    "bottleneck": ("bottleneck", "run", None),
+    "scaling": ("scaling", "run", None),
+}
+SECTION_NAMES = tuple(SECTIONS)
 DOCS_PAGE = ROOT / "docs" / "benchmark_results.md"
 DOCS_IMAGES = ROOT / "docs" / "img" / "benchmarks"
 PUBLISHED_JSON = RESULTS_DIR / "suite.json"
@@ -35,27 +46,10 @@ PUBLISHED_JSON = RESULTS_DIR / "suite.json"
 
 def section_runner(name: str) -> Callable[[bool], Dict[str, Any]]:
     """The function that measures section ``name`` (imported lazily: each pulls in torch and more)."""
-    if name == "refactorisation":
-        return lambda quick: in_subprocess("refactorisation", "run", {"quick": quick}, timeout=3600)
-    if name == "task_vectors":
-        from benchmarks import task_vectors_layer
-
-        return task_vectors_layer.run
-    if name == "lora_layer":
-        from benchmarks import lora_layer
-
-        return lora_layer.run
-    if name == "files_7b":
-        return lambda quick: in_subprocess("bench_files_7b", "suite", {"quick": quick}, timeout=5400)
-    if name == "bottleneck":
-        from benchmarks import bottleneck
-
-        return bottleneck.run
-    if name == "scaling":
-        from benchmarks import scaling
-
-        return scaling.run
-    raise KeyError(name)
+    module, function, timeout = SECTIONS[name]
+    if timeout is not None:
+        return lambda quick: in_subprocess(module, function, {"quick": quick}, timeout=timeout)
+    return getattr(importlib.import_module(f"benchmarks.{module}"), function)
 
 
 def build_parser() -> argparse.ArgumentParser:
