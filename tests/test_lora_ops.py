@@ -284,6 +284,22 @@ def test_measured_error_proves_an_exact_concatenation():
     assert 0 < error < 1e-6  # float32 storage: not exact, measured
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_split_and_measure_never_reports_less_than_the_dense_error(dtype):
+    """A truncated merge stored in half precision: the rounding's second-order term δB·δA is not
+    orthogonal to the truncated tail, so it must be added to the norm, not beside the tail's square
+    (which under-reported in 205 of these 600 cases, by up to 3.6e-5 relatively)."""
+    for seed in range(300):
+        generator = torch.Generator().manual_seed(seed)
+        factors = [(torch.randn(4, r, generator=generator, dtype=torch.float64),
+                    torch.randn(r, 3, generator=generator, dtype=torch.float64)) for r in (2, 1)]
+        svd = factored_svd(*stack_factors(factors, [1.0, 2.0]))
+        (b, a), error_sq = split_and_measure(svd, 2, 2.5, dtype)
+        dense = float(torch.linalg.matrix_norm(2.5 * (b.double() @ a.double()) - (svd.U * svd.S) @ svd.Vh))
+        assert math.sqrt(error_sq) >= dense, seed
+        assert math.sqrt(error_sq) <= dense * 1.02, seed  # the second-order bound, not a loose one
+
+
 @SETTINGS
 @given(
     factor_lists(), st.integers(1, 12), st.sampled_from([2.5, 1e-3, -1.0]),
@@ -299,5 +315,5 @@ def test_split_and_measure_equals_the_dense_error_or_bounds_it(case, rank, scali
     assert torch.equal(b, expected_b) and torch.equal(a, expected_a)
     dense = float(torch.linalg.matrix_norm(scaling * (b.double() @ a.double()) - (svd.U * svd.S) @ svd.Vh))
     scale = float(torch.linalg.vector_norm(svd.S)) or 1.0
-    assert math.sqrt(error_sq) >= dense * (1 - 1e-6) - 1e-12 * scale
+    assert math.sqrt(error_sq) >= dense * (1 - 1e-9) - 1e-12 * scale
     assert math.sqrt(error_sq) <= dense * 1.02 + 1e-12 * scale

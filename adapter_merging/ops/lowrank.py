@@ -126,8 +126,9 @@ def split_and_measure(
     Ã = A + δA, the difference is s(δB·A + B·δA + δB·δA) − U_tail S_tail Vh_tail, whose first part is
     orthogonal to the tail; and since U_q has orthonormal columns and Vh_q orthonormal rows,
     ‖δB·A‖ = ‖δB·D‖, ‖B·δA‖ = ‖D·δA‖ and ⟨δB·A, B·δA⟩ = ±tr(D·(δBᵀU_q)·D·(δA·Vh_qᵀ)). So the error
-    costs two q × q products, not a product of the d × k matrices; the second-order δB·δA is bounded
-    by ‖δB‖‖δA‖ and added in full."""
+    costs two q × q products, not a product of the d × k matrices; the second-order δB·δA, which need
+    not be orthogonal to the tail, is bounded by ‖δB‖‖δA‖ and added to the norm in full (never less
+    than the true error)."""
     kept = min(rank, svd.S.numel())
     b64, a64 = split_factors(svd, rank, scaling)
     b, a = b64.to(dtype), a64.to(dtype)
@@ -141,8 +142,9 @@ def split_and_measure(
     # B = sign(s)·U_q·D: the cross term Σᵢⱼ DᵢXᵢⱼDⱼYⱼᵢ carries the sign
     cross = math.copysign(1.0, scaling) * float((root[:, None] * (delta_b.T @ u) * root * (delta_a @ vh.T).T).sum())
     second = float(delta_b.norm()) * float(delta_a.norm())
-    cast_sq = scaling**2 * (max(0.0, first + 2.0 * cross) ** 0.5 + second) ** 2
-    return (b, a), tail_sq + cast_sq
+    # ‖T + s·F + s·δB·δA‖ ≤ √(‖T‖² + s²‖F‖²) + |s|·‖δB‖‖δA‖ (F ⟂ T; δB·δA need not be)
+    bound = math.sqrt(tail_sq + scaling**2 * max(0.0, first + 2.0 * cross)) + abs(scaling) * second
+    return (b, a), bound**2
 
 
 def svd_difference_norm(svd: LowRankSVD, b: torch.Tensor, a: torch.Tensor, scaling: float = 1.0) -> float:
