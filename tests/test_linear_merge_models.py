@@ -197,20 +197,24 @@ def test_linear_merge_every_method_bert(method, factory):
 
 
 # ----------------------------------------------------------------------------- a subset on every model
-@pytest.mark.parametrize("method", SUBSET)
-@pytest.mark.parametrize("arch", [a for a in ARCHITECTURES if a != "bert"])
+@pytest.mark.parametrize(
+    "arch, method",
+    [(a, m) for a in ARCHITECTURES if a != "bert" for m in SUBSET if (a, m) not in REFUSED_BY_ADAPTERS],
+)
 def test_linear_merge_architectures(arch, method):
     model = tiny_adapter_model(arch)
     config = CONFIGS[method]
-    try:
-        model.add_adapter("probe", config=config)
-    except ValueError as err:
-        if (arch, method) not in REFUSED_BY_ADAPTERS:
-            raise
-        pytest.skip(f"adapters {adapters.__version__} refuses {method} on {arch}: {err}")
-    model.delete_adapter("probe")
     add_inputs(model, config)
     run_case(model, config)
+
+
+@pytest.mark.parametrize("arch, method", sorted(REFUSED_BY_ADAPTERS))
+def test_adapters_itself_cannot_add_these(arch, method):
+    """The pairs left out above: adapters refuses to add the method to the architecture, so no model
+    holds such adapters to merge. If a later adapters accepts one, this fails: move it into the test above."""
+    model = tiny_adapter_model(arch)
+    with pytest.raises(ValueError, match="is not supported by this model"):
+        model.add_adapter("probe", config=CONFIGS[method])
 
 
 def test_expected_refusals_are_really_refused():
