@@ -146,7 +146,7 @@ def cli(folders: List[Path], out: Path, strategy: str = "lora_delta_w_svd") -> D
     return {"wall": wall, "peak_rss_mb": peak, "import_only_rss_mb": baseline, "extra_mb": peak - baseline}
 
 
-def ties_floor(folders: List[Path], out: Path, density: float = 0.2) -> Dict[str, float]:
+def ties_floor(folders: List[Path], out: Path) -> Dict[str, float]:
     """The arithmetic no dense task-vector merge avoids, done plainly: read; per module each ΔWᵢ = sᵢBᵢAᵢ
     formed once (float32) and summed, and one randomized range finder on the d × k sum (the four products
     of rank 48 + 10 with one power iteration, no selection, no masks); write the factors."""
