@@ -8,26 +8,32 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from importlib import metadata
 import platform
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 from .. import __version__
 from .._progress import Progress, progress_reporter
+from .._warnings import warn
 from ..engine import merge
 from ..ops.weights import check_flag
 from ..report import MergeReport
 from ..strategies import CombineStrategy, SignMethod
 from .formats import SavedAdapter, read_adapter, write_adapters_format, write_peft_format
-from .io import InputError, atomic_folder, check_output, placed, resolve_folder, sha256
+from .io import (
+    InputError, atomic_folder, check_distinct, check_output, hub_commit, placed, remove_stale, resolve_folder, sha256,
+)
 
-__all__ = ["merge_saved_adapters", "InputError", "REPORT_NAME"]
+__all__ = ["merge_saved_adapters", "InputError", "REPORT_NAME", "CARD_NAME"]
 
 Source = Union[str, "os.PathLike[str]"]
 #: the recipe and report written into every output folder
 REPORT_NAME = "merge_report.json"
+#: the model card written into every output folder
+CARD_NAME = "README.md"
 
 
 def merge_saved_adapters(
@@ -48,6 +54,12 @@ def merge_saved_adapters(
     device: Optional[str] = None,
     dtype: Optional[Union[str, "torch.dtype"]] = None,
     progress: Progress = None,
+    allow_different_bases: bool = False,
+    base_model: Optional[str] = None,
+    linear_lora: Literal["parameters", "exact"] = "parameters",
+    recipe_extra: Optional[Mapping[str, Any]] = None,
+    notes: Sequence[str] = (),
+    **strategy_options: Any,
 ) -> MergeReport:
     """Merge saved adapters into ``output_dir``, with no base model loaded.
 
@@ -80,34 +92,64 @@ def merge_saved_adapters(
     :param progress: a progress bar over modules on stderr: None (default) shows one if the merge
         takes longer than 2 s, True always, False never; or a callable ``progress(modules done,
         modules in all)``.
+    :param allow_different_bases: merge inputs whose recorded base models differ (a `MergeWarning`
+        and a report note) instead of refusing them. The recorded base is ``base_model_name_or_path``
+        (PEFT) or ``model_name`` (``adapters``); an input that records none never differs.
+    :param base_model: the base model every input must have been trained on (mergekit's
+        ``base_model:``): an input that records another is refused; one that records none gets a
+        report note. Two names are the same base when equal, or when their last path components (the
+        repository names) are equal, ignoring case (``org/bert-base`` = ``bert-base`` = ``…/bert-base/``).
+    :param linear_lora: what ``combine_strategy="linear"`` means for LoRA inputs: ``"parameters"``
+        (``adapters``' meaning: A and B combined separately, with cross-terms) or ``"exact"``
+        (mergekit's: the exact Σ λᵢ ΔWᵢ, ``lora_delta_w_svd`` at the exact rank; families without an
+        exact strategy keep ``linear``, with a note). The recipe records what it resolved to.
+    :param recipe_extra: more JSON entries for the recipe (``merge_report.json``'s ``recipe``), e.g.
+        the command line's ignored keys; they may not replace the recipe's own entries.
+    :param notes: lines appended to the report's notes.
+    :param strategy_options: any further option of the strategy (validated by it).
     :returns: the `MergeReport` (also written to ``merge_report.json``).
     :raises ValueError: bad inputs (a missing folder or weights file, an unreadable or unsafe file,
         mixed formats, mismatched shapes, an existing output, …), weights or options.
     """
     check_flag("overwrite_ok", overwrite_ok)
     check_flag("normalize_weights", normalize_weights)
+    check_flag("allow_different_bases", allow_different_bases)
+    if linear_lora not in ("parameters", "exact"):
+        raise ValueError(f"linear_lora must be 'parameters' or 'exact', got {linear_lora!r}.")
+    if base_model is not None and (not isinstance(base_model, str) or not base_model.strip()):
+        raise TypeError(f"base_model must be a model name or path (a non-empty string) or None, got {base_model!r}.")
+    extra = _checked_extra(recipe_extra)
+    if isinstance(notes, str) or not all(isinstance(n, str) for n in notes):
+        raise TypeError(f"notes must be a list of strings, got {notes!r}.")
     sources, weights = _sources_and_weights(inputs, weights)
     output = Path(os.fspath(output_dir)).expanduser()
-    name = name if name is not None else output.name
-    if not isinstance(name, str) or not name or "." in name:
-        raise ValueError(f"The merged adapter's name must be a non-empty string without '.', got {name!r}: pass name=.")
+    name = name if name is not None else (output.name or Path(os.path.realpath(output)).name)
+    _check_name(name)
     folders = [resolve_folder(source) for source in sources]
-    check_output(output, overwrite_ok, [folder for folder, _ in folders])
+    check_distinct(folders)
+    target = check_output(output, overwrite_ok, [folder for folder, _ in folders])
     names = _input_names([given for _, given in folders])
     saved = [read_adapter(folder, n, given) for (folder, given), n in zip(folders, names)]
     formats = {item.format for item in saved}
     if len(formats) > 1:
         listing = ", ".join(f"'{item.source}': {item.format}" for item in saved)
         raise InputError(f"The inputs mix formats ({listing}): merge adapters of one format (adapters or PEFT).")
+    bases = {item.name: recorded_base(item) for item in saved}
+    base_notes = _check_bases(bases, base_model, allow_different_bases)
     torch_dtype = _torch_dtype(dtype)
     for item in saved:
         item.adapter.tensors = placed(item.adapter.tensors, device, torch_dtype)
         if item.head is not None:
             item.head.tensors = placed(item.head.tensors, device, torch_dtype)
+    asked = combine_strategy
+    strategy_notes: List[str] = []
     if combine_strategy == "task_arithmetic":
         combine_strategy = exact_sum_strategy(saved[0].adapter.config)
+    elif combine_strategy == "linear" and linear_lora == "exact":
+        combine_strategy, strategy_notes = _exact_linear(saved[0].adapter.config)
     options = dict(svd_tol=svd_tol, density=density, majority_sign_method=majority_sign_method, gamma=gamma, seed=seed)
     options = {k: v for k, v in options.items() if v is not None}
+    options.update(strategy_options)
     started = time.perf_counter()
     callback, finished = progress_reporter(progress)
     try:
@@ -127,15 +169,130 @@ def merge_saved_adapters(
         report.notes.append(
             f"Merged without {what}: only {[i.source for i in with_head]} of the {len(saved)} inputs hold one."
         )
-    with atomic_folder(output, overwrite_ok) as staging:
+    report.notes.extend(strategy_notes + base_notes + list(notes))
+    removed = remove_stale(target, ("partial",))
+    if removed:
+        report.notes.append(f"Removed {len(removed)} temporary folder(s) left by an interrupted run: {removed}.")
+    with atomic_folder(target, overwrite_ok) as staging:
         if saved[0].format == "adapters":
             files = write_adapters_format(staging, name, saved[0], result, head)
         else:
             files = write_peft_format(staging, saved, result, head)
         recipe = _recipe(saved, report, combine_strategy, normalize_weights, svd_rank, options, files, name, head)
+        recipe["recipe"].update(
+            combine_strategy_asked=asked, linear_lora=linear_lora, base_model=base_model,
+            allow_different_bases=allow_different_bases,
+        )
+        for item, entry in zip(saved, recipe["recipe"]["inputs"]):
+            entry.update(base_model=bases[item.name], revision=hub_commit(item.folder))
+        recipe["recipe"].update(extra)
         recipe["seconds"] = round(time.perf_counter() - started, 3)
+        (staging / CARD_NAME).write_text(model_card(recipe, report), encoding="utf-8")
         (staging / REPORT_NAME).write_text(json.dumps(recipe, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return report
+
+
+#: characters an adapter's name may not hold: it names modules ('.') and files
+_UNSAFE_NAME = re.compile(r'[./\\:*?"<>|\x00-\x1f\x7f]')
+
+
+def _check_name(name: Any) -> None:
+    if not isinstance(name, str) or not name.strip() or _UNSAFE_NAME.search(name):
+        raise ValueError(
+            f"The merged adapter's name must be a non-empty string without '.', '/', '\\', ':', '*', '?', '\"', '<', "
+            f"'>', '|' or control characters (it names modules and files), got {name!r}: pass another name=."
+        )
+
+
+def _checked_extra(extra: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    if extra is None:
+        return {}
+    if not isinstance(extra, Mapping) or not all(isinstance(k, str) for k in extra):
+        raise TypeError(f"recipe_extra must be a dict with string keys, got {extra!r}.")
+    clash = sorted(set(extra) & _RECIPE_KEYS)
+    if clash:
+        raise ValueError(f"recipe_extra may not replace the recipe's own entries {clash}: give them other names.")
+    try:
+        json.dumps(dict(extra), allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"recipe_extra must hold JSON values only (strings, numbers, lists, dicts): {error}.") from None
+    return dict(extra)
+
+
+_RECIPE_KEYS = frozenset({
+    "inputs", "combine_strategy", "combine_strategy_asked", "normalize_weights", "svd_rank", "options", "head_merged",
+    "linear_lora", "base_model", "allow_different_bases",
+})
+
+
+def recorded_base(item: SavedAdapter) -> Optional[str]:
+    """The base model an input folder records: PEFT's ``base_model_name_or_path``, ``adapters``'
+    ``model_name``; None when it records none (an empty name included)."""
+    key = "base_model_name_or_path" if item.format == "peft" else "model_name"
+    value = item.metadata.get(key)
+    return value.strip() if isinstance(value, str) and value.strip() else None
+
+
+def same_base(a: str, b: str) -> bool:
+    """Whether two recorded base model names mean one model: equal, or with equal last path components
+    (repository names), ignoring case and trailing slashes; a Hugging Face cache folder
+    (``…/models--org--name/snapshots/<commit>``) counts as ``org/name``."""
+    return a == b or _base_key(a) == _base_key(b)
+
+
+def _base_key(name: str) -> str:
+    cached = re.search(r"models--(?:[^/\\]+?--)?([^/\\]+?)[/\\]snapshots(?:[/\\]|$)", name)
+    if cached:
+        return cached.group(1).lower()
+    return re.split(r"[/\\]", name.rstrip("/\\"))[-1].lower()
+
+
+def _check_bases(bases: Mapping[str, Optional[str]], base_model: Optional[str], allow_different: bool) -> List[str]:
+    """Refuse inputs of different recorded base models (unless ``allow_different``: a warning and a
+    note) and any that differs from ``base_model``; returns the report's notes."""
+    notes: List[str] = []
+    known = {name: base for name, base in bases.items() if base is not None}
+    unknown = [name for name, base in bases.items() if base is None]
+    if base_model is not None:
+        wrong = {name: base for name, base in known.items() if not same_base(base, base_model)}
+        if wrong:
+            raise InputError(
+                f"base_model is {base_model!r}, but {wrong} were trained on another base model (as their "
+                "adapter_config.json records): merge adapters of that base model, or correct base_model."
+            )
+        if unknown:
+            notes.append(f"{unknown} record no base model: they could not be checked against base_model {base_model!r}.")
+        return notes
+    groups: List[str] = []
+    for base in known.values():
+        if not any(same_base(base, g) for g in groups):
+            groups.append(base)
+    if len(groups) > 1:
+        listing = ", ".join(f"'{name}': {base}" for name, base in known.items())
+        if not allow_different:
+            raise InputError(
+                f"The inputs were trained on different base models ({listing}): their updates do not add up on one "
+                "model. Merge adapters of one base model, or pass allow_different_bases=True "
+                "(--allow-different-bases) if the bases share their weights."
+            )
+        message = f"The inputs were trained on different base models ({listing}); merged anyway (allow_different_bases)."
+        warn(message)
+        notes.append(message)
+    return notes
+
+
+def _exact_linear(config) -> Tuple[str, List[str]]:
+    """``linear`` with ``linear_lora="exact"``: the exact Σ λᵢ ΔWᵢ where a strategy computes it."""
+    try:
+        resolved = exact_sum_strategy(config)
+    except InputError:
+        return "linear", [
+            "linear_lora='exact': no strategy computes the exact Σ λᵢ ΔWᵢ for these adapters, so 'linear' combines "
+            "their parameters (an approximation)."
+        ]
+    if resolved == "linear":
+        return "linear", []
+    return resolved, [f"combine_strategy 'linear' is the exact Σ λᵢ ΔWᵢ for LoRA here ({resolved} at the exact rank)."]
 
 
 def exact_sum_strategy(config) -> str:
@@ -210,7 +367,7 @@ def _recipe(saved: List[SavedAdapter], report: MergeReport, strategy, normalize,
         "schema": 1,
         "format": saved[0].format,
         "name": name,
-        "files": files + [REPORT_NAME],
+        "files": files + [CARD_NAME, REPORT_NAME],
         "recipe": {
             "inputs": [
                 {
@@ -232,3 +389,59 @@ def _recipe(saved: List[SavedAdapter], report: MergeReport, strategy, normalize,
         "machine": {"python": platform.python_version(), "system": platform.system()},
         "report": report.to_dict(),
     }
+
+
+def model_card(recipe: Mapping[str, Any], report: MergeReport) -> str:
+    """The output folder's ``README.md``: the recipe in words, the inputs, the error summary, versions
+    (as PEFT's ``save_pretrained`` and mergekit write one); Hub metadata in its YAML header."""
+    from ..strategies import STRATEGIES
+
+    what = recipe["recipe"]
+    inputs = what["inputs"]
+    bases = {i["base_model"] for i in inputs if i.get("base_model")}
+    library = "peft" if recipe["format"] == "peft" else "adapter-transformers"
+    header = ["---", f"library_name: {library}"]
+    if len(bases) == 1:
+        header.append(f"base_model: {json.dumps(next(iter(bases)), ensure_ascii=False)}")
+    header += ["tags:", "- adapter_merging", "- merge", "---", ""]
+    asked, resolved = what.get("combine_strategy_asked", what["combine_strategy"]), what["combine_strategy"]
+    strategy = STRATEGIES.get(resolved)
+    lines = [f"# {recipe['name']}", ""]
+    lines.append(
+        f"A {recipe['format']}-format adapter merged from {len(inputs)} saved adapters by "
+        f"adapter_merging {recipe['versions']['adapter_merging']}, "
+        "with no base model loaded. `merge_report.json` beside this card holds the same recipe as JSON."
+    )
+    lines += ["", "## Recipe", ""]
+    if asked != resolved:
+        lines.append(f"- Strategy: `{asked}` as asked, resolved to `{resolved}`.")
+    else:
+        lines.append(f"- Strategy: `{resolved}`.")
+    if strategy is not None:
+        lines.append(f"  {strategy.doc}")
+    if asked == "linear" and "linear_lora" in what:
+        meaning = {"parameters": "A and B combined separately (adapters' meaning)",
+                   "exact": "the exact Σ λᵢ ΔWᵢ (mergekit's meaning)"}
+        lines.append(f"- `linear` on LoRA: {meaning.get(what['linear_lora'], what['linear_lora'])}.")
+    normalised = "divided by their sum (normalize_weights)" if what["normalize_weights"] else "used as given (not normalised)"
+    lines.append(f"- Weights: {normalised}; the weights below are those applied.")
+    if what.get("svd_rank") is not None:
+        lines.append(f"- Rank: {what['svd_rank']}.")
+    for key, value in sorted((what.get("options") or {}).items()):
+        lines.append(f"- `{key}`: {value}")
+    lines.append(f"- Prediction head / modules_to_save merged: {'yes' if what.get('head_merged') else 'no'}.")
+    if what.get("base_model"):
+        lines.append(f"- Base model required: {what['base_model']}.")
+    for key, value in what.items():
+        if key not in _RECIPE_KEYS:
+            lines.append(f"- {key.replace('_', ' ')}: {json.dumps(value, ensure_ascii=False)}")
+    lines += ["", "## Inputs", "", "| source | weight | base model | weights file sha256 | Hub commit |", "|---|---|---|---|---|"]
+    for item in inputs:
+        cells = [f"`{item['source']}`", f"{item['weight']:+.6g}", item.get("base_model") or "(not recorded)",
+                 f"`{item['sha256']}`", f"`{item['revision']}`" if item.get("revision") else "—"]
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+    lines += ["", "## What the merge cost", "", "Relative error of the merged update against its target, per module:", "",
+              "```text", report.summary(), "```", ""]
+    versions = ", ".join(f"{k} {v}" for k, v in recipe["versions"].items())
+    lines += ["## Versions", "", f"{versions}; Python {recipe['machine']['python']}.", ""]
+    return "\n".join(header + lines)

@@ -14,8 +14,12 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
-import tempfile
+import socket
+import stat
+import sys
+import time
 import uuid
 import warnings
 from contextlib import contextmanager
@@ -23,6 +27,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
+
+from .._warnings import warn
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -208,42 +214,226 @@ def resolve_folder(source: PathLike) -> Tuple[Path, str]:
     return Path(local), text
 
 
+def hub_commit(folder: Path) -> Optional[str]:
+    """The commit of a Hugging Face cache snapshot (``…/snapshots/<40 hex digits>``), else None."""
+    name = folder.name
+    if folder.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", name):
+        return name
+    return None
+
+
+def check_distinct(folders: Sequence[Tuple[Path, str]]) -> None:
+    """Refuse one folder given twice under different spellings (``pa``, ``./pa``, a link to it, a Hub
+    id whose snapshot it is): it would merge as two adapters (``[1, -1]`` would give zero)."""
+    seen: Dict[Path, str] = {}
+    for folder, given in folders:
+        real = real_path(folder)
+        if real in seen:
+            raise InputError(
+                f"Duplicate adapter names {[seen[real], given]}: both are the folder {real}, and each adapter may "
+                "appear once. To give one more weight, pass a single entry with the summed weight."
+            )
+        seen[real] = given
+
+
 # ----------------------------------------------------------------------------- the output folder
-def check_output(output: Path, overwrite_ok: bool, inputs: Sequence[Path]) -> None:
-    """Refuse a non-empty existing output (unless ``overwrite_ok``), a file, or an input as output."""
-    if output.exists() and not output.is_dir():
+def real_path(path: Path) -> Path:
+    """``path`` with every symbolic link and ``..`` resolved (it need not exist)."""
+    return Path(os.path.realpath(os.fspath(path)))
+
+
+def output_target(output: Path) -> Path:
+    """Where ``output`` is written: itself, or the folder its symbolic link points to (the link stays).
+    A link that leads nowhere (dangling, or a loop) is refused in one line."""
+    if os.path.lexists(output) and not os.path.exists(output):
+        try:
+            points_to = os.readlink(output)
+        except OSError:
+            points_to = "?"
+        raise InputError(
+            f"The output {output} is a symbolic link to {points_to}, which does not exist (or is a loop): "
+            "create the folder it points to, or remove the link."
+        )
+    return real_path(output)
+
+
+def _relation(output: Path, folder: Path) -> Optional[str]:
+    if output == folder:
+        return "is"
+    if output in folder.parents:
+        return "contains"
+    if folder in output.parents:
+        return "lies inside"
+    return None
+
+
+def check_output(output: Path, overwrite_ok: bool, inputs: Sequence[Path]) -> Path:
+    """Refuse a non-empty existing output (unless ``overwrite_ok``), a file, a dangling link, and an
+    output that is, contains or lies inside an input (or holds one of its files), comparing real paths
+    (links resolved), whatever ``overwrite_ok`` says. Returns the real folder to write."""
+    target = output_target(output)
+    if target.exists() and not target.is_dir():
         raise InputError(f"The output {output} is a file: pass a folder (it is created).")
-    resolved = output.resolve()
     for folder in inputs:
-        if folder.resolve() == resolved:
-            raise InputError(f"The output {output} is one of the inputs: choose another folder (inputs are never modified).")
-    if output.is_dir() and any(output.iterdir()) and not overwrite_ok:
+        real = real_path(folder)
+        candidates = [real] + [real_path(entry) for entry in _entries(folder) if entry.is_symlink()]
+        for candidate in candidates:
+            relation = _relation(target, candidate)
+            if relation is None:
+                continue
+            if candidate != real:
+                what = f"{relation} the file {candidate} of the input {folder}"
+            else:
+                what = f"is one of the inputs ({folder})" if relation == "is" else f"{relation} the input {folder}"
+            raise InputError(
+                f"The output {output} {what}: writing it would replace or change that input, also with "
+                "overwrite_ok (--force). Choose a folder outside every input (inputs are never modified)."
+            )
+    if target.is_dir() and any(target.iterdir()) and not overwrite_ok:
         raise InputError(
             f"The output folder {output} exists and is not empty. Pass overwrite_ok=True (--force on the command "
             "line) to replace it, or choose another folder."
         )
+    return target
+
+
+def _entries(folder: Path) -> list:
+    try:
+        return list(folder.iterdir())
+    except OSError:
+        return []
+
+
+# A run's temporary folders beside its output: ".NAME.partial-HOST-PID-RANDOM" while it writes, and (where the
+# file system cannot swap two folders atomically) ".NAME.old-HOST-PID-RANDOM" for the replaced output while it
+# is deleted. HOST is 8 hex digits of a hash of the machine's name, PID the writing process.
+STALE_AGE_S = 24 * 3600
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
+
+
+def _name_tag(name: str) -> str:
+    # keep the temporary names within the usual 255-byte limit of a file name
+    return name if len(name.encode("utf-8")) <= 160 else hashlib.sha256(name.encode("utf-8")).hexdigest()[:16]
+
+
+def temporary_name(output: Path, kind: str) -> str:
+    """The name of a temporary folder of this process beside ``output`` (``kind``: "partial" or "old")."""
+    return f".{_name_tag(output.name)}.{kind}-{_host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # someone else's live process
+        return True
+    return True
+
+
+def _last_modified(folder: Path) -> float:
+    times = [folder.lstat().st_mtime]
+    for entry in _entries(folder):
+        try:
+            times.append(entry.lstat().st_mtime)
+        except OSError:
+            pass
+    return max(times)
+
+
+def stale_folders(output: Path, kinds: Sequence[str] = ("partial", "old")) -> list:
+    """Temporary folders of earlier runs for ``output`` (beside it, named exactly as `temporary_name`
+    names them, or as earlier versions did) whose run is over: made on this machine by a process
+    that no longer runs, or — where that cannot be told (another machine, an older version's name) —
+    not modified for `STALE_AGE_S` seconds. A live run's folders are never listed."""
+    name = re.escape(_name_tag(output.name))
+    kinds_ = "|".join(kinds)
+    ours = re.compile(rf"\.{name}\.({kinds_})-(?P<host>[0-9a-f]{{8}})-(?P<pid>[0-9]{{1,10}})-[0-9a-f]{{8}}")
+    legacy = re.compile(rf"\.{name}\.({kinds_})-[a-z0-9_]{{8}}")
+    host, now, stale = _host_tag(), time.time(), []
+    for entry in _entries(output.parent):
+        match = ours.fullmatch(entry.name)
+        if not (match or legacy.fullmatch(entry.name)) or entry.is_symlink() or not entry.is_dir():
+            continue
+        try:
+            if match and match["host"] == host:
+                if not _pid_alive(int(match["pid"])):
+                    stale.append(entry)
+            elif now - _last_modified(entry) > STALE_AGE_S:
+                stale.append(entry)
+        except OSError:
+            continue
+    return sorted(stale)
+
+
+def remove_stale(output: Path, kinds: Sequence[str] = ("partial", "old")) -> list:
+    """Remove `stale_folders` of ``output``; returns the names of those removed."""
+    removed = []
+    for folder in stale_folders(output, kinds):
+        shutil.rmtree(folder, ignore_errors=True)
+        if not os.path.lexists(folder):
+            removed.append(folder.name)
+    return removed
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unavailable."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 @contextmanager
 def atomic_folder(output: Path, overwrite_ok: bool) -> Iterator[Path]:
-    """Yield a temporary folder beside ``output``; when the block completes, it becomes ``output``
-    (replacing an existing one only with ``overwrite_ok``). On any failure — an exception or an
-    interrupt — the temporary folder is removed and ``output`` is as it was."""
+    """Yield a temporary folder beside ``output`` (a real path: see `check_output`); when the block
+    completes, it becomes ``output`` (replacing an existing one only with ``overwrite_ok``). On any
+    failure — an exception or an interrupt — the temporary folder is removed and ``output`` is as it
+    was; a run killed outright leaves its temporary folder, which the next run for ``output`` removes
+    (`remove_stale`).
+
+    The output folder gets the mode ``mkdir`` gives (the umask's), or keeps an existing output's mode;
+    the files in it are created under the umask as usual. Where the system can swap two folders
+    atomically (Linux), an existing output is exchanged with the new one in one step."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    staging = output.with_name(temporary_name(output, "partial"))
+    os.mkdir(staging)  # under the umask, as the output will be
     try:
         yield staging
+        if output.is_dir():  # keep an existing output's mode (a new one has mkdir's, as staging)
+            os.chmod(staging, stat.S_IMODE(output.stat().st_mode))
         if output.is_dir() and any(output.iterdir()):
             if not overwrite_ok:  # appeared while we were merging
                 raise InputError(f"The output folder {output} was filled while merging; nothing was written.")
-            old = output.with_name(f".{output.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(output, old)
-            os.replace(staging, output)
-            shutil.rmtree(old, ignore_errors=True)
+            if not _exchange(staging, output):
+                old = output.with_name(temporary_name(output, "old"))
+                os.replace(output, old)
+                try:
+                    os.replace(staging, output)
+                except BaseException:
+                    os.replace(old, output)
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+                if os.path.lexists(old):
+                    warn(f"The replaced output could not be removed entirely: {old} is left; delete it by hand.")
         else:
             if output.is_dir():
                 output.rmdir()
             os.replace(staging, output)
     finally:
-        if staging.exists():
+        if os.path.lexists(staging):
             shutil.rmtree(staging, ignore_errors=True)
+    remove_stale(output, ("old",))
