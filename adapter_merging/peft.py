@@ -14,21 +14,25 @@ updates ΔWᵢ = sᵢBᵢAᵢ by the same engine as ``average_adapter`` and ``me
   loses more than 10 %);
 * adapter_merging's own strategy names work too.
 
-LoRA on Linear, Conv1D (``fan_in_fan_out``), Embedding and Conv2d layers, with per-module ranks and
-scalings (rank_pattern, alpha_pattern, rsLoRA) and different target modules (merged over their
-union); IA³ by its deviation from identity (``combination_type="linear"``); ``modules_to_save``
-merged linearly. DoRA and LoRA biases are refused. A failure leaves the model as it was.
+LoRA on Linear, Conv1D (``fan_in_fan_out``), Embedding and Conv1d/Conv2d/Conv3d layers and on raw
+parameters (``target_parameters``, each expert of a mixture-of-experts weight its own LoRA), with
+per-module ranks and scalings (rank_pattern, alpha_pattern, rsLoRA) and different target modules
+(merged over their union); IA³ by its deviation from identity (``combination_type`` "linear", its
+default); ``modules_to_save`` merged linearly. DoRA, LoRA biases and grouped convolutions are refused.
+A failure leaves the model as it was.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 try:
     import peft as _peft  # noqa: F401  (the optional dependency)
     from peft.tuners.ia3 import IA3Layer
     from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.layer import ParamWrapper
     from peft.utils import ModulesToSaveWrapper
 except ImportError as error:  # pragma: no cover - exercised in a subprocess without peft
     raise ImportError(
@@ -43,6 +47,7 @@ from ._warnings import warn
 from .engine import AdapterInput, merge
 from .files.formats import Layout, merged_peft_fields, peft_adapter_input
 from .methods.heads import HeadConfig
+from .ops.weights import check_flag, split_names_and_weights
 from .report import MergeReport
 from .rollback import rollback_on_error
 from .state import Slot
@@ -75,7 +80,7 @@ def add_weighted_adapter(
     adapters: Sequence[str],
     weights: Sequence[float],
     adapter_name: str,
-    combination_type: Union[PeftCombination, str] = "svd",
+    combination_type: Optional[Union[PeftCombination, str]] = None,
     svd_rank: Optional[int] = None,
     svd_clamp: Optional[float] = None,
     svd_full_matrices: bool = True,
@@ -91,18 +96,22 @@ def add_weighted_adapter(
     """Add ``adapter_name`` to the PEFT model as the weighted combination of ``adapters``, exactly.
 
     :param model: a ``PeftModel`` (or its ``LoraModel``/``IA3Model``) holding the adapters.
-    :param adapters: names of the adapters to merge (LoRA adapters, or IA³ adapters).
+    :param adapters: names of the adapters to merge (LoRA adapters, or IA³ adapters), a list (or a dict
+        ``{name: weight}`` with ``weights=None``); a set is refused (its order would pair names and weights).
     :param weights: one weight per adapter, used as given (PEFT's semantics: not normalised); any sign.
     :param adapter_name: the new adapter's name; it must not exist yet.
-    :param combination_type: PEFT's names (``svd``, ``linear``, ``cat``, ``ties``, ``ties_svd``,
-        ``dare_linear``, ``dare_linear_svd``, ``dare_ties``, ``dare_ties_svd``, ``magnitude_prune``,
-        ``magnitude_prune_svd``; see `COMBINATION_TYPES`) or any of adapter_merging's strategies.
+    :param combination_type: None (default): what PEFT's own method of the adapters' type does by default,
+        ``"svd"`` for LoRA (``LoraModel.add_weighted_adapter``) and ``"linear"`` for IA³
+        (``IA3Model.add_weighted_adapter`` has no ``combination_type``). Or PEFT's names (``svd``,
+        ``linear``, ``cat``, ``ties``, ``ties_svd``, ``dare_linear``, ``dare_linear_svd``, ``dare_ties``,
+        ``dare_ties_svd``, ``magnitude_prune``, ``magnitude_prune_svd``; see `COMBINATION_TYPES`) or any of adapter_merging's strategies.
         IA³ adapters merge by ``linear`` (their deviation from identity).
     :param svd_rank: the merged LoRA's rank; None: the exact rank (``svd``, ``linear``) or Σ rᵢ
         (the task-vector types); capped at the rank the merged update has.
     :param svd_clamp: PEFT's clamping of the SVD factors; not done here (the factored SVD is exact, and
         clamping would only add error): a value other than None is ignored with a warning.
-    :param svd_full_matrices: PEFT's option of its dense SVD; no dense SVD is done here (ignored).
+    :param svd_full_matrices: PEFT's option of its dense SVD; no dense SVD is done here (ignored; it must
+        still be a bool).
     :param svd_driver: PEFT's cuSOLVER driver of its dense SVD; ignored with a warning when given.
     :param density: fraction of the entries of each ΔWᵢ kept (task-vector types; default 0.2).
     :param majority_sign_method: TIES sign election (``ties``, ``dare_ties``): ``"total"`` or ``"frequency"``.
@@ -117,6 +126,7 @@ def add_weighted_adapter(
         DoRA or LoRA-bias adapters, bad weights or options.
     """
     root = _lora_root(model)
+    check_flag("svd_full_matrices", svd_full_matrices)
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise TypeError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}.")
     if adapter_name in root.peft_config:
@@ -124,7 +134,12 @@ def add_weighted_adapter(
             f"An adapter named '{adapter_name}' already exists (PEFT's add_weighted_adapter would silently do "
             "nothing). Choose another name, or delete it first (model.delete_adapter)."
         )
-    names = list(adapters)
+    names, weights = split_names_and_weights(adapters, weights)
+    if weights is None:
+        raise TypeError(
+            f"Pass one weight per adapter ({names}) as `weights` (PEFT's semantics: used as given, not "
+            "normalised), or the adapters as a dict {name: weight}."
+        )
     unknown = [n for n in names if n not in root.peft_config]
     if unknown:
         raise ValueError(f"Unknown adapter(s) {unknown}. The model has: {sorted(root.peft_config)}.")
@@ -153,6 +168,7 @@ def add_weighted_adapter(
     heads = merge(saved, list(weights), "linear", False, name=adapter_name, kind="head") if saved else None
     forward = [f for c in configs for f in (getattr(c, "feedforward_modules", None) or [])]
     fields = merged_peft_fields(peft_type, result, forward)
+    _parameter_fields(fields, configs, merged_layouts, result)
     new_config = dataclasses.replace(copy.deepcopy(configs[0]), **{k: v for k, v in fields.items() if hasattr(configs[0], k)})
     if heads is None and getattr(new_config, "modules_to_save", None):
         result.report.notes.append("modules_to_save are not merged: not every input holds them.")
@@ -160,6 +176,7 @@ def add_weighted_adapter(
         with torch.random.fork_rng(devices=[]):  # initialising the new adapter must not move the caller's RNG
             _add(model, root, adapter_name, new_config)
         _write(root, adapter_name, result.tensors, merged_layouts)
+        _write_parameters(root, adapter_name, result, merged_layouts)
         if heads is not None:
             _write_modules_to_save(root, adapter_name, heads.tensors)
     return result.report
@@ -196,7 +213,9 @@ def _peft_type(names: Sequence[str], configs) -> str:
     return peft_type
 
 
-def _strategy(combination_type: str, peft_type: str) -> str:
+def _strategy(combination_type: Optional[str], peft_type: str) -> str:
+    if combination_type is None:  # PEFT's own default for the type: LoraModel's "svd"; IA3Model has no choice
+        return "linear" if peft_type == "IA3" else COMBINATION_TYPES["svd"]
     if peft_type == "IA3":
         if combination_type not in ("linear",):
             raise ValueError(
@@ -221,10 +240,17 @@ def _read(root, name: str, config, peft_type: str) -> Tuple[AdapterInput, Dict[s
     layouts: Dict[str, Layout] = {}
     modules: Dict[str, Tuple[int, float]] = {}
     for path, module in root.model.named_modules():
-        if isinstance(module, LoraLayer) and peft_type == "LORA":
+        if isinstance(module, ParamWrapper) and peft_type == "LORA":
+            if name in module.lora_A:
+                _read_parameter(path, module, name, tensors, layouts, modules)
+        elif isinstance(module, LoraLayer) and peft_type == "LORA":
             if name in module.lora_A:
                 a, b = module.lora_A[name].weight, module.lora_B[name].weight
-                layout = Layout("conv", tuple(a.shape[1:]), tuple(b.shape[2:])) if a.ndim == 4 else Layout("linear")
+                if a.ndim >= 3:  # Conv1d, Conv2d, Conv3d: A (r, in, *kernel), B (out, r/groups, 1, …)
+                    _check_groups(name, path, module)
+                    layout = Layout("conv", tuple(a.shape[1:]), tuple(b.shape[2:]))
+                else:
+                    layout = Layout("linear")
             elif name in getattr(module, "lora_embedding_A", {}):
                 a, b, layout = module.lora_embedding_A[name], module.lora_embedding_B[name], Layout("embedding")
             else:
@@ -241,6 +267,40 @@ def _read(root, name: str, config, peft_type: str) -> Tuple[AdapterInput, Dict[s
         raise ValueError(f"The adapter '{name}' has no LoRA or IA³ module in the model.")
     return peft_adapter_input(name, peft_type, config.r if peft_type == "LORA" else 1,
                               getattr(config, "lora_alpha", 1), modules, tensors), layouts
+
+
+def _check_groups(name: str, path: str, module) -> None:
+    groups = getattr(module.get_base_layer(), "groups", 1)
+    if groups != 1:
+        raise ValueError(
+            f"'{name}' has a LoRA on {path}, a {type(module.get_base_layer()).__name__} with groups={groups}: it is "
+            "not merged. Its lora_B is a grouped convolution, so its update is not s·B·A of one matrix (PEFT cannot "
+            "merge it into the layer either). Leave this layer out of the adapters' target_modules."
+        )
+
+
+def _parameter_key(path: str, module) -> str:
+    """The key of the parameter a ``ParamWrapper`` adapts, as in ``target_parameters`` (``experts.gate_up_proj``):
+    the wrapper's path without the ``base_layer`` steps of nested wrappers, then the parameter's name."""
+    return f"{re.sub(r'[.]base_layer(?=[.]|$)', '', path)}.{module.parameter_name}"
+
+
+def _read_parameter(path: str, module, name: str, tensors, layouts, modules) -> None:
+    """A LoRA on a raw parameter (PEFT's ``target_parameters``): one LoRA of rank r per expert of a 3-D
+    parameter (a 2-D one is one expert). PEFT stores the experts' factors interleaved: A (experts·r, in) by
+    expert blocks of rows, B (out, r·experts) with expert e in the columns e, e + experts, …. Each expert is
+    read as its own module ``<key>[e]`` (``<key>`` for a 2-D parameter): its update is s·B_e·A_e."""
+    experts = int(module.num_experts)
+    a, b = module.lora_A[name].weight.detach(), module.lora_B[name].weight.detach()
+    r = int(module.r[name])
+    a3, b3 = a.reshape(experts, r, a.shape[-1]), b.reshape(b.shape[0], r, experts)
+    key = _parameter_key(path, module)
+    for expert in range(experts):
+        virtual = key if experts == 1 else f"{key}[{expert}]"
+        tensors[Slot(virtual, "loras", "lora_A")] = a3[expert]
+        tensors[Slot(virtual, "loras", "lora_B")] = b3[:, :, expert]
+        layouts[virtual] = Layout("parameter", wrapper=path, expert=expert, experts=experts)
+        modules[virtual] = (r, float(module.scaling[name]))
 
 
 def _modules_to_save(root, names: Sequence[str]) -> List[AdapterInput]:
@@ -273,11 +333,67 @@ def _add(model, root, adapter_name: str, config) -> None:
             param.requires_grad_(False)
 
 
+def _parameter_fields(fields: Dict[str, Any], configs, layouts: Dict[str, Layout], result) -> None:
+    """The merged configuration's ``target_parameters``: the inputs' (PEFT requires every adapter with
+    target_parameters to target the same ones). Their per-expert modules leave target_modules and the
+    patterns: every parameter gets the adapter's ``r``, raised to its experts' largest merged rank if needed
+    (the modules then keep their rank and scaling by full-name patterns), and the adapter's scaling; an
+    expert of lower rank is padded with zeros and its own scaling written into its B (PEFT's patterns are
+    not used for parameters: it warns that they match no module, although it applies them)."""
+    targeted = sorted({p for c in configs for p in (getattr(c, "target_parameters", None) or [])})
+    if targeted:
+        fields["target_parameters"] = targeted
+    virtual = {m for m, layout in layouts.items() if layout.kind == "parameter"}
+    if not virtual:
+        return
+    modules = [m for m in fields["target_modules"] if m not in virtual]
+    ranks = {m: rank for m, rank in fields["rank_pattern"].items() if m not in virtual}
+    alphas = {m: alpha for m, alpha in fields["alpha_pattern"].items() if m not in virtual}
+    r, scale = int(fields["r"]), float(fields["lora_alpha"]) / int(fields["r"])
+    merged_ranks = [int(t.shape[0]) for slot, t in result.tensors.items() if slot.prefix in virtual and slot.param == "lora_A"]
+    rank = max([r] + merged_ranks)
+    if rank > r:
+        alphas = {m: alphas.get(m, ranks.get(m, r) * scale) for m in modules}
+        ranks = {m: ranks.get(m, r) for m in modules}
+        fields.update(r=rank, lora_alpha=rank * scale)
+    fields.update(target_modules=modules, rank_pattern=ranks, alpha_pattern=alphas)
+
+
+def _write_parameters(root, adapter_name: str, result, layouts: Dict[str, Layout]) -> None:
+    """Each targeted parameter's merged experts back into PEFT's interleaved factors of the rank R it built:
+    A (experts·R, in) by blocks of rows, B (out, R·experts) with expert e in the columns e, e + experts, …;
+    an expert of lower rank is padded with zeros, and its scaling, divided by PEFT's, is written into its B."""
+    modules = sorted(m for m, layout in layouts.items() if layout.kind == "parameter")
+    default = float(result.config["alpha"]) / int(result.config["r"])
+    with torch.no_grad():
+        for wrapper in {layouts[m].wrapper for m in modules}:  # an expert of lower rank keeps zeros beyond it
+            root.model.get_submodule(wrapper).lora_A[adapter_name].weight.zero_()
+            root.model.get_submodule(wrapper).lora_B[adapter_name].weight.zero_()
+        for module in modules:
+            layout = layouts[module]
+            wrapper = root.model.get_submodule(layout.wrapper)
+            a_target, b_target = wrapper.lora_A[adapter_name].weight, wrapper.lora_B[adapter_name].weight
+            rank, experts = int(wrapper.r[adapter_name]), layout.experts
+            a = result.tensors[Slot(module, "loras", "lora_A")]
+            b = result.tensors[Slot(module, "loras", "lora_B")]
+            if a.shape[0] > rank or a_target.shape[0] != experts * rank or b_target.shape[1] != rank * experts:
+                raise RuntimeError(
+                    f"PEFT built factors {tuple(b_target.shape)}, {tuple(a_target.shape)} for the merged LoRA on "
+                    f"{module}, not rank ≥ {a.shape[0]} × {experts} experts. This is a bug in adapter_merging; "
+                    "please report it."
+                )
+            scale = result.module_overrides.get(module, (None, default))[1] / float(wrapper.scaling[adapter_name])
+            a_target.view(experts, rank, -1)[layout.expert, : a.shape[0]] = a.to(a_target)
+            b_target.view(b_target.shape[0], rank, experts)[:, : b.shape[1], layout.expert] = (b * scale).to(b_target)
+
+
 def _write(root, adapter_name: str, merged: Dict[Slot, torch.Tensor], layouts: Dict[str, Layout]) -> None:
     with torch.no_grad():
         for slot, value in merged.items():
-            module = root.model.get_submodule(slot.prefix)
             layout = layouts[slot.prefix]
+            if layout.kind == "parameter":
+                continue  # written by _write_parameters, all experts of a parameter together
+            module = root.model.get_submodule(slot.prefix)
             if layout.kind == "ia3":
                 target = module.ia3_l[adapter_name]
             elif layout.kind == "embedding":

@@ -154,9 +154,12 @@ _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<param>lora_A\.weight|lora_B\.weigh
 class Layout:
     """How one module's saved tensors map to its 2-D factors B (d × r) and A (r × k)."""
 
-    kind: str  # "linear", "embedding", "conv" or "ia3"
-    a_shape: Tuple[int, ...] = ()  # the saved A's shape after r (conv: in, kh, kw)
-    b_shape: Tuple[int, ...] = ()  # the saved B's shape after (out, r) (conv: 1, 1); IA³: the vector's shape
+    kind: str  # "linear", "embedding", "conv", "ia3" or "parameter" (PEFT's target_parameters, in memory only)
+    a_shape: Tuple[int, ...] = ()  # the saved A's shape after r (conv: in, *kernel, as (in, k) for Conv1d)
+    b_shape: Tuple[int, ...] = ()  # the saved B's shape after (out, r) (conv: 1, …); IA³: the vector's shape
+    wrapper: str = ""  # "parameter": the path of PEFT's ParamWrapper that holds the factors
+    expert: int = 0  # "parameter": which expert of a 3-D (experts, …) parameter this module is
+    experts: int = 1  # "parameter": the parameter's number of experts (1 for a 2-D parameter)
 
     def keys(self, module: str) -> Dict[str, str]:
         if self.kind == "ia3":
@@ -169,7 +172,7 @@ class Layout:
         return tensor.reshape(tensor.shape[0], -1) if self.kind == "conv" else tensor
 
     def to_saved(self, param: str, matrix: torch.Tensor) -> torch.Tensor:
-        if self.kind == "conv":  # A: (r, in·kh·kw) → (r, in, kh, kw); B: (out, r) → (out, r, 1, 1)
+        if self.kind == "conv":  # A: (r, in·k…) → (r, in, *kernel); B: (out, r) → (out, r, 1, …) (Conv1d/2d/3d)
             return matrix.reshape(matrix.shape[0], *self.a_shape) if param == "lora_A" else matrix.reshape(*matrix.shape, *self.b_shape)
         if self.kind == "ia3":
             return matrix.reshape(self.b_shape)
@@ -223,6 +226,7 @@ def read_peft_format(folder: Path, name: str, source: str) -> SavedAdapter:
     weights_file = first_existing(folder, PEFT_WEIGHTS)
     if weights_file is None:
         raise InputError(f"{folder} holds no weights file ({' or '.join(PEFT_WEIGHTS)}).")
+    _refuse_target_parameters(folder, metadata)
     weights = LazyFile(weights_file)
     modules_to_save = set(metadata.get("modules_to_save") or [])
     slots: Dict[Slot, str] = {}
@@ -245,7 +249,7 @@ def read_peft_format(folder: Path, name: str, source: str) -> SavedAdapter:
             shape = _shape(weights, key)
             if param.startswith("lora_embedding"):
                 layouts[module] = Layout("embedding")
-            elif len(shape) == 4:
+            elif len(shape) >= 3:  # Conv1d, Conv2d, Conv3d: A (r, in, *kernel), B (out, r, 1, …)
                 previous = layouts.get(module, Layout("conv"))
                 layouts[module] = Layout(
                     "conv",
@@ -263,6 +267,7 @@ def read_peft_format(folder: Path, name: str, source: str) -> SavedAdapter:
                 f"{weights_file} holds '{key}', which is not a LoRA/IA³ factor this library merges (DoRA magnitudes, "
                 "LoRA biases and trainable tokens are not supported from files)."
             )
+    _check_conv_groups(weights_file, weights, slots, layouts)
     transform = lambda slot, tensor: layouts[slot.prefix].to_matrix(slot.param, tensor)  # noqa: E731
     modules = _lora_modules(metadata, weights, slots) if peft_type == "LORA" else {}
     adapter = peft_adapter_input(name, peft_type, metadata.get("r", 8), metadata.get("lora_alpha", 8), modules,
@@ -272,6 +277,32 @@ def read_peft_format(folder: Path, name: str, source: str) -> SavedAdapter:
         saved.head = AdapterInput(name, HeadConfig("modules_to_save"), Renamed(weights, saved_modules), selects_modules=True)
         saved.head_file = weights_file
     return saved
+
+
+def _refuse_target_parameters(folder: Path, metadata: Mapping[str, Any]) -> None:
+    """PEFT's ``target_parameters`` (LoRA on raw parameters, e.g. mixture-of-experts weights) save their factors
+    under the same keys as a module's LoRA, but interleaved by expert: read as one LoRA they would merge wrongly."""
+    if metadata.get("target_parameters"):
+        raise InputError(
+            f"{folder}: LoRA on target_parameters ({', '.join(map(str, metadata['target_parameters']))}) is not merged "
+            "from files: a saved folder does not say how its factors split into experts. Load the adapters into the "
+            "model and merge them there with adapter_merging.peft.add_weighted_adapter."
+        )
+
+
+def _check_conv_groups(weights_file: Path, weights: LazyFile, slots: Mapping[Slot, str],
+                       layouts: Mapping[str, "Layout"]) -> None:
+    """A LoRA on a convolution with groups > 1 has a grouped lora_B (out, r/groups, 1, …): refused by name."""
+    keys = {(slot.prefix, slot.param): key for slot, key in slots.items()}
+    for module, layout in layouts.items():
+        if layout.kind == "conv" and (module, "lora_A") in keys and (module, "lora_B") in keys:
+            a_shape, b_shape = _shape(weights, keys[module, "lora_A"]), _shape(weights, keys[module, "lora_B"])
+            if b_shape[1] != a_shape[0]:
+                raise InputError(
+                    f"{weights_file}: the LoRA on {module} is on a convolution with groups={a_shape[0] // max(b_shape[1], 1)} "
+                    f"(lora_B {b_shape}, lora_A {a_shape}): it is not merged, its grouped lora_B makes the update no "
+                    "s·B·A of one matrix."
+                )
 
 
 def _shape(weights: LazyFile, key: str) -> Tuple[int, ...]:
