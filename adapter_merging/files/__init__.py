@@ -440,7 +440,7 @@ def model_card(recipe: Mapping[str, Any], report: MergeReport) -> str:
         cells = [f"`{item['source']}`", f"{item['weight']:+.6g}", item.get("base_model") or "(not recorded)",
                  f"`{item['sha256']}`", f"`{item['revision']}`" if item.get("revision") else "—"]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
-    lines += ["", "## What the merge cost", "", "Relative error of the merged update against its target, per module:", "",
+    lines += ["", "## What the merge cost", "", "Relative error of the merged update against its target over modules (`merge_report.json` has each module's):", "",
               "```text", report.summary(), "```", ""]
     versions = ", ".join(f"{k} {v}" for k, v in recipe["versions"].items())
     lines += ["## Versions", "", f"{versions}; Python {recipe['machine']['python']}.", ""]
