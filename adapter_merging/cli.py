@@ -1,16 +1,20 @@
 """``adapter-merge``: merge saved adapters from the command line (also ``python -m adapter_merging``).
 
     adapter-merge DIR[:WEIGHT] ... --output OUT [--strategy S] [options]
-    adapter-merge CONFIG.yaml [--output OUT]
+    adapter-merge CONFIG.yaml [OUT] [options]
 
 The same program as `adapter_merging.merge_saved_adapters`: a progress bar over modules on stderr, a
-short summary at the end, exit status 0 on success and 1 with a one-line error (no traceback) on bad
-input, 2 on bad usage.
+short summary at the end, exit status 0 on success, 1 with a one-line error (no traceback) on bad
+input (a YAML's content included), 2 with a one-line error on bad usage. ``--help`` and ``--version``
+import no torch, so they answer at once.
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
+import re
+import shutil
 import os
 import sys
 import time
@@ -19,23 +23,31 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from . import __version__
-from .strategies import STRATEGIES
+from .strategy_names import SIGN_METHOD_NAMES, STRATEGY_NAMES
 
-#: mergekit's merge_method names → ours. "task_arithmetic" is the exact Σ λᵢ ΔWᵢ (chosen per method).
-MERGEKIT_METHODS = {
-    "task_arithmetic": "task_arithmetic",
-    "ties": "ties",
-    "dare_ties": "dare_ties",
-    "dare_linear": "dare_linear",
-    "breadcrumbs": "breadcrumbs",
-    "linear": "linear",
+#: the strategy names (the registry, `adapter_merging.strategies`, imports torch: ``--help`` must not)
+STRATEGIES = STRATEGY_NAMES
+#: names the command line accepts for ``--strategy`` besides ours
+ALIASES = ("task_arithmetic",)
+#: PEFT's ``combination_type`` names → ours, for "did you mean" (PEFT's ``*_svd`` are our task-vector
+#: strategies, which re-factorise a LoRA at --svd-rank / --svd-tol)
+PEFT_NAMES = {
+    "svd": "lora_delta_w_svd",
+    "cat": "lora_delta_w_concat",
+    "ties_svd": "ties",
+    "dare_ties_svd": "dare_ties",
+    "dare_linear_svd": "dare_linear",
+    "magnitude_prune_svd": "magnitude_prune",
 }
+
+#: mergekit's merge_method names the YAML accepts (mergekit 0.1.5's definitions: `adapter_merging.mergekit`)
+MERGEKIT_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties")
 EXAMPLES = """examples:
   adapter-merge math/ code/ --output math_and_code/
   adapter-merge skills/:1 toxic/:-1 --no-normalize --strategy lora_delta_w_concat --output detoxified/
   adapter-merge a/ b/ c/ --strategy ties --density 0.3 --svd-tol 0.05 --output merged/ --report report.json
   adapter-merge org/lora-a@main:0.7 org/lora-b:0.3 --strategy lora_delta_w_svd --svd-rank 16 --output out/
-  adapter-merge recipe.yaml --output merged/     (a mergekit-shaped YAML: models, merge_method, parameters)
+  adapter-merge recipe.yaml merged/     (a mergekit-shaped YAML: models, merge_method, parameters)
 
 Inputs are adapter folders in adapters' or PEFT's format (all of one), or Hugging Face Hub ids
 (org/name[@revision]) resolved through the local cache (HF_HUB_OFFLINE=1 is respected).
@@ -46,8 +58,33 @@ class UsageError(Exception):
     """Bad command-line usage (exit status 2)."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors as one line (not the usage block), then where to read more."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+def strategy_name(text: str) -> str:
+    """``--strategy``'s value: one of ours or ``task_arithmetic``; PEFT's names and typos get "did you mean"."""
+    known = tuple(STRATEGY_NAMES) + ALIASES
+    if text in known:
+        return text
+    if text in PEFT_NAMES:
+        ours = PEFT_NAMES[text]
+        hint = f"did you mean {ours}? ('{text}' is PEFT's name for it"
+        hint += ", with --svd-rank N)" if text.endswith("_svd") else ")"
+    else:
+        close = difflib.get_close_matches(text, known, n=2, cutoff=0.6)
+        hint = f"did you mean {' or '.join(close)}?" if close else f"choose from {', '.join(known)}"
+    raise argparse.ArgumentTypeError(f"invalid choice '{text}': {hint}")
+
+
+from .mergekit import ConfigError  # noqa: E402  (a YAML's content is wrong: exit status 1; no torch imported)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="adapter-merge",
         description="Merge saved adapters (adapters or PEFT format) into one adapter folder, without loading a model.",
         epilog=EXAMPLES,
@@ -55,23 +92,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("inputs", nargs="+", metavar="DIR[:WEIGHT]",
                         help="adapter folders or Hub ids, each with an optional weight (default: 1/N each); "
-                             "or one mergekit-shaped CONFIG.yaml")
+                             "or one mergekit-shaped CONFIG.yaml, optionally followed by the output folder")
     parser.add_argument("-o", "--output", help="the folder to write (created; must be empty unless --force)")
-    parser.add_argument("-s", "--strategy", default=None, choices=sorted(set(STRATEGIES) | {"task_arithmetic"}),
-                        metavar="STRATEGY",
-                        help="combine_strategy (default: linear); one of " + ", ".join(STRATEGIES) +
+    parser.add_argument("-s", "--strategy", default=None, type=strategy_name, metavar="STRATEGY",
+                        help="combine_strategy (default: linear, which for LoRA is the exact weighted sum of the "
+                             "updates, as in mergekit); one of " + ", ".join(STRATEGY_NAMES) +
                              ", or task_arithmetic (the exact sum: lora_delta_w_svd for LoRA, linear otherwise)")
     parser.add_argument("--svd-rank", type=int, help="rank of a re-factorised LoRA (default: the exact rank)")
     parser.add_argument("--svd-tol", type=float, help="the smallest rank whose relative error is at most this")
     parser.add_argument("--density", type=float, help="fraction of entries kept (task-vector strategies)")
-    parser.add_argument("--majority-sign-method", choices=["total", "frequency"], help="TIES sign election")
+    parser.add_argument("--majority-sign-method", choices=SIGN_METHOD_NAMES, help="TIES sign election")
     parser.add_argument("--gamma", type=float, help="fraction of the largest magnitudes dropped (breadcrumbs)")
     parser.add_argument("--seed", type=int, help="seed of DARE's random masks")
     parser.add_argument("--no-normalize", action="store_true",
                         help="use the weights as given (task arithmetic, unlearning); default: divide by their sum")
     parser.add_argument("--name", help="the adapter's name inside the output (default: the output folder's name)")
     parser.add_argument("-f", "--force", action="store_true", help="replace a non-empty output folder")
-    parser.add_argument("--report", metavar="FILE.json", help="also write the merge report to this file")
+    parser.add_argument("--allow-different-bases", action="store_true",
+                        help="merge inputs trained on different base models (a warning instead of an error)")
+    parser.add_argument("--report", metavar="FILE.json", help="also write merge_report.json to this file")
     parser.add_argument("--device", help="compute device, e.g. cuda (default: cpu)")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "float64"],
                         help="dtype of the merged adapter (default: the inputs')")
@@ -81,13 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_input(text: str) -> Tuple[str, Optional[float]]:
-    """``DIR:WEIGHT`` → (DIR, WEIGHT); a ``:`` not followed by a number is part of the path."""
+    """``DIR:WEIGHT`` → (DIR, WEIGHT). A ``:`` whose tail is not a number is part of the path only when
+    the whole text is an existing path or the tail holds a path separator; otherwise the tail was
+    meant as a weight and is refused."""
     head, sep, tail = text.rpartition(":")
     if sep and head:
         try:
             weight = float(tail)
         except ValueError:
-            return text, None
+            if os.path.exists(text) or "/" in tail or os.sep in tail:
+                return text, None
+            raise UsageError(f"the weight of {head} is '{tail}': '{tail}' is not a number "
+                             f"(DIR:WEIGHT, e.g. {head}:0.5)") from None
         if not math.isfinite(weight):
             raise UsageError(f"the weight of {head} is {tail}: weights must be finite numbers")
         return head, weight
@@ -95,9 +139,21 @@ def parse_input(text: str) -> Tuple[str, Optional[float]]:
 
 
 def plan_from_arguments(args: argparse.Namespace) -> Dict[str, Any]:
-    """The merge described by the command line: inputs, weights and options."""
-    if len(args.inputs) == 1 and args.inputs[0].endswith((".yaml", ".yml")):
+    """The merge described by the command line: inputs, weights and options. A YAML may be followed by
+    the output folder (mergekit's ``mergekit-yaml config.yml OUT_DIR``)."""
+    if args.inputs[0].endswith((".yaml", ".yml")):
+        if len(args.inputs) > 2:
+            raise UsageError(f"a YAML config takes one more argument at most, the output folder; got "
+                             f"{' '.join(args.inputs[1:])} (the inputs go in its `models:`)")
+        if len(args.inputs) == 2 and args.output and args.output != args.inputs[1]:
+            raise UsageError(f"two output folders, {args.inputs[1]} and --output {args.output}: give one")
+        for flag, given in (("--strategy", args.strategy), ("--no-normalize", args.no_normalize)):
+            if given:
+                raise UsageError(f"{flag} does not apply to a YAML config: its merge_method and "
+                                 "`parameters: {normalize: …}` say how to merge")
         plan = plan_from_yaml(Path(args.inputs[0]))
+        if len(args.inputs) == 2:
+            plan["output"] = args.inputs[1]
     else:
         parsed = [parse_input(text) for text in args.inputs]
         given = [w for _, w in parsed]
@@ -111,6 +167,7 @@ def plan_from_arguments(args: argparse.Namespace) -> Dict[str, Any]:
             "normalize": True,
             "output": None,
             "dtype": None,
+            "linear_lora": "exact",  # `linear` on LoRA is the exact Σ λᵢ ΔWᵢ here, as in mergekit
         }
     if args.strategy:
         plan["strategy"] = args.strategy
@@ -122,65 +179,29 @@ def plan_from_arguments(args: argparse.Namespace) -> Dict[str, Any]:
         plan["normalize"] = False
     plan["output"] = args.output or plan["output"]
     if not plan["output"]:
-        raise UsageError("pass --output OUT (or an `output:` key in the YAML)")
+        raise UsageError("pass --output OUT (with a YAML: CONFIG.yaml OUT, or an `output:` key in it)")
     plan["dtype"] = args.dtype or plan["dtype"]
     return plan
 
 
 def plan_from_yaml(path: Path) -> Dict[str, Any]:
-    """A mergekit-shaped YAML: ``models`` (each ``model`` with ``parameters: {weight, density}``),
-    ``merge_method``, ``parameters`` (``normalize``, ``density``, …), ``dtype``, and ``output``."""
+    """A mergekit-shaped YAML, read as mergekit 0.1.5 reads it (`adapter_merging.mergekit`): ``models`` (each
+    ``model`` with ``parameters: {weight, density, gamma}``), ``merge_method``, ``base_model``,
+    ``parameters`` (``normalize``, ``lambda``, ``rescale``, ``int8_mask``, …), ``dtype``, and our
+    ``output``/``name``. Content errors raise `ConfigError` (one line naming the file and the key)."""
     import yaml
 
+    from .mergekit import plan_from_config
+
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UsageError(f"{path} does not exist") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise UsageError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("models"), list) or not data["models"]:
-        raise UsageError(f"{path} needs a `models:` list (each with `model:` and optional `parameters:`)")
-    known = {"models", "merge_method", "parameters", "dtype", "output", "base_model", "name"}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise UsageError(f"{path}: unknown key(s) {unknown}; known: {sorted(known)}")
-    method = data.get("merge_method", "linear")
-    strategy = MERGEKIT_METHODS.get(method, method)
-    if strategy not in STRATEGIES and strategy != "task_arithmetic":
-        raise UsageError(f"{path}: merge_method {method!r} is not supported; use one of "
-                         f"{sorted(set(MERGEKIT_METHODS) | set(STRATEGIES))}")
-    parameters = dict(data.get("parameters") or {})
-    normalize = parameters.pop("normalize", True)
-    inputs, weights, densities = [], [], []
-    for index, entry in enumerate(data["models"]):
-        if not isinstance(entry, dict) or "model" not in entry:
-            raise UsageError(f"{path}: models[{index}] needs a `model:` (a folder or Hub id)")
-        own = dict(entry.get("parameters") or {})
-        inputs.append(str(entry["model"]))
-        weights.append(own.pop("weight", None))
-        densities.append(own.pop("density", None))
-        if own:
-            raise UsageError(f"{path}: models[{index}] has unsupported parameters {sorted(own)} (weight, density)")
-    if any(w is None for w in weights) and any(w is not None for w in weights):
-        raise UsageError(f"{path}: give a weight to every model or to none")
-    options = {k: parameters.pop(k) for k in ("svd_rank", "svd_tol", "density", "majority_sign_method", "gamma", "seed")
-               if k in parameters}
-    if parameters:
-        raise UsageError(f"{path}: unsupported parameters {sorted(parameters)}")
-    if any(d is not None for d in densities):
-        if any(d is None for d in densities) and "density" not in options:
-            raise UsageError(f"{path}: give a density to every model, or a global `parameters: density`")
-        options["density"] = [d if d is not None else options["density"] for d in densities]
-    return {
-        "inputs": inputs,
-        "weights": None if weights[0] is None else weights,
-        "strategy": strategy,
-        "options": options,
-        "normalize": normalize,
-        "output": data.get("output"),
-        "dtype": data.get("dtype"),
-        "name": data.get("name"),
-    }
+        raise ConfigError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    return plan_from_config(data, str(path))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -190,7 +211,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         plan = plan_from_arguments(args)
     except UsageError as error:
         parser.error(str(error))
-    from .files import merge_saved_adapters
+    except ValueError as error:  # a YAML's content (ConfigError): bad input, not bad usage
+        return _fail(error)
+    try:
+        check_device(args.device)
+        if args.report and Path(args.report).is_dir():
+            raise ValueError(f"--report {args.report} is a folder: name the JSON file to write")
+    except ValueError as error:
+        return _fail(error)
+    from .files import REPORT_NAME, merge_saved_adapters
 
     started = time.perf_counter()
     warnings.showwarning = _show_warning if not args.quiet else (lambda *a, **k: None)
@@ -198,18 +227,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         report = merge_saved_adapters(
             plan["inputs"], plan["output"], weights=plan["weights"], combine_strategy=plan["strategy"],
             normalize_weights=bool(plan["normalize"]), overwrite_ok=args.force, name=args.name or plan.get("name"),
-            progress=not args.quiet, device=args.device, dtype=plan["dtype"], **plan["options"],
+            progress=not args.quiet, device=args.device, dtype=plan["dtype"],
+            allow_different_bases=args.allow_different_bases, base_model=plan.get("base_model"),
+            linear_lora=plan.get("linear_lora", "exact"), recipe_extra=plan.get("recipe_extra"),
+            notes=plan.get("notes", ()), **plan["options"],
         )
     except KeyboardInterrupt:
         print("adapter-merge: interrupted; nothing was written", file=sys.stderr)
         return 130
     except (ValueError, TypeError, OSError) as error:
-        print(f"adapter-merge: error: {_one_line(error)}", file=sys.stderr)
-        return 1
-    if args.report:
-        report.save(args.report)
+        return _fail(error)
+    if args.report:  # the same file as the output's merge_report.json
+        try:
+            Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(plan["output"]) / REPORT_NAME, args.report)
+        except OSError as error:
+            return _fail(f"merged into {plan['output']}, but --report {args.report} could not be written: {error}")
     if not args.quiet:
-        print(_summary(report, plan["output"], time.perf_counter() - started), file=sys.stderr)
+        print(_summary(report, plan["output"], time.perf_counter() - started, plan["strategy"]), file=sys.stderr)
     return 0
 
 
@@ -221,14 +256,90 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
         print(f"adapter-merge: warning: {_one_line(message)}", file=sys.stderr)
 
 
-def _one_line(error: BaseException) -> str:
+def _one_line(error: Any) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def _summary(report, output, seconds: float) -> str:
+def check_device(device: Optional[str]) -> None:
+    """Refuse a ``--device`` torch does not know or this machine lacks, with one line and the fix."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise ValueError(f"--device {device} is not a device: {_one_line(error)}") from None
+    if parsed.type == "cpu":
+        return
+    if parsed.type == "mps":
+        available, count = torch.backends.mps.is_available(), 1
+    else:
+        backend = getattr(torch, parsed.type, None)
+        available = bool(backend is not None and hasattr(backend, "is_available") and backend.is_available())
+        count = backend.device_count() if available and hasattr(backend, "device_count") else 1
+    if not available:
+        why = " (this torch is built without CUDA)" if parsed.type == "cuda" and torch.version.cuda is None else ""
+        raise ValueError(f"--device {device}: no {parsed.type} device is available on this machine{why}; "
+                         "leave --device out to compute on the CPU")
+    if parsed.index is not None and parsed.index >= count:
+        raise ValueError(f"--device {device}: this machine has {count} {parsed.type} device(s), "
+                         f"{parsed.type}:0 to {parsed.type}:{count - 1}")
+
+
+#: the engine's parameter names → the command line's flags, for its errors: (flag, the parameter's value
+#: that the flag gives, words for the other value) for switches; the flag alone for options with a value
+SWITCHES = {
+    "normalize_weights": ("--no-normalize", "False", "the default normalisation (no --no-normalize)"),
+    "overwrite_ok": ("--force", "True", "without --force"),
+    "allow_different_bases": ("--allow-different-bases", "True", "without --allow-different-bases"),
+}
+FLAGS = {
+    "combine_strategy": "--strategy",
+    "svd_rank": "--svd-rank",
+    "svd_tol": "--svd-tol",
+    "density": "--density",
+    "majority_sign_method": "--majority-sign-method",
+    "gamma": "--gamma",
+    "seed": "--seed",
+    "dtype": "--dtype",
+    "device": "--device",
+    "name": "--name",
+}
+
+
+def for_the_shell(message: str) -> str:
+    """An engine error in a shell user's words: ``pass normalize_weights=False`` → ``pass --no-normalize``,
+    ``svd_rank=4`` → ``--svd-rank 4``, a bare ``overwrite_ok`` → ``--force``."""
+
+    def switch(match: "re.Match[str]") -> str:
+        flag, on, off = SWITCHES[match.group(1)]
+        return flag if match.group(2) in (None, on) else off
+
+    def option(match: "re.Match[str]") -> str:
+        value = next((v for v in match.group(2, 3, 4) if v is not None), "")
+        return f"{FLAGS[match.group(1)]} {value}"
+
+    names = "|".join(SWITCHES)
+    message = re.sub(rf"\b({names})(?:=(True|False)\b)?", switch, message)
+    message = re.sub(rf"\b({'|'.join(FLAGS)})=(?:'([^']*)'|\"([^\"]*)\"|([^\s,;:)]+))", option, message)
+    message = re.sub(rf"\b({'|'.join(name for name in FLAGS if '_' in name)})\b",
+                     lambda match: FLAGS[match.group(1)], message)
+    # "--force (--force on the command line)" → "--force"
+    return re.sub(r"(--[\w-]+) \(\1(?: on the command line)?\)", r"\1", message)
+
+
+def _fail(error: Any) -> int:
+    """One line on stderr, in the shell's words; exit status 1."""
+    print(f"adapter-merge: error: {for_the_shell(_one_line(error))}", file=sys.stderr)
+    return 1
+
+
+def _summary(report, output, seconds: float, asked: Optional[str] = None) -> str:
     lines = [f"merged {len(report.weights)} adapters into {output} in {seconds:.1f} s"]
     weights = ", ".join(f"{n}: {w:+.4g}" for n, w in report.weights.items())
-    lines.append(f"  strategy   {report.combine_strategy} ({weights})")
+    strategy = report.combine_strategy if asked in (None, report.combine_strategy) else f"{asked} → {report.combine_strategy}"
+    lines.append(f"  strategy   {strategy} ({weights})")
     if report.rank is not None:
         lines.append(f"  rank       {report.rank} (alpha {report.alpha:g})")
     if report.modules:

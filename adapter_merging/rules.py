@@ -183,12 +183,35 @@ class Consensus:
     make: Callable[[Mapping[str, Any]], chunked.Consensus]
 
 
+def _convention(options: Mapping[str, Any]) -> str:
+    return options.get("convention", chunked.OURS)
+
+
+def _mergekit(options: Mapping[str, Any]) -> bool:
+    return _convention(options) == chunked.MERGEKIT
+
+
 KEEP_ALL = Sparsifier("keep all", (), lambda o: chunked.KeepAll())
-KEEP_LARGEST = Sparsifier("magnitude", ("density",), lambda o: chunked.KeepWindow(o["density"]))
-KEEP_BAND = Sparsifier("breadcrumbs", ("density", "gamma"), lambda o: chunked.KeepWindow(o["density"], o["gamma"]))
-DROP_AND_RESCALE = Sparsifier("DARE", ("density", "seed"), lambda o: chunked.DropAndRescale(o["density"]))
-SUM = Consensus("sum", (), lambda o: chunked.sum_consensus())
-SIGN_ELECTION = Consensus("TIES sign election", ("majority_sign_method",), lambda o: chunked.ties_consensus(o["majority_sign_method"]))
+KEEP_LARGEST = Sparsifier(
+    "magnitude", ("density", "convention"), lambda o: chunked.KeepWindow(o["density"], 0.0, _convention(o))
+)
+KEEP_BAND = Sparsifier(
+    "breadcrumbs", ("density", "gamma", "convention"),
+    lambda o: chunked.KeepWindow(o["density"], o["gamma"], _convention(o), band=True),
+)
+DROP_AND_RESCALE = Sparsifier(
+    "DARE", ("density", "seed", "convention"), lambda o: chunked.DropAndRescale(o["density"], _convention(o))
+)
+# ours, or mergekit 0.1.5's (its `normalize` is applied by the consensus itself: per entry for TIES)
+SUM = Consensus(
+    "sum", ("convention", "normalize"),
+    lambda o: chunked.mergekit_sum_consensus(o.get("normalize", False)) if _mergekit(o) else chunked.sum_consensus(),
+)
+SIGN_ELECTION = Consensus(
+    "TIES sign election", ("majority_sign_method", "convention", "normalize"),
+    lambda o: chunked.mergekit_ties_consensus(o["majority_sign_method"], o.get("normalize", False)) if _mergekit(o)
+    else chunked.ties_consensus(o["majority_sign_method"]),
+)
 
 
 #: the randomized re-factorisation of a dense merge (10 oversampling columns) iterates until the error
@@ -234,12 +257,15 @@ class TaskVectors(DeltaWRule):
 
     @property
     def option_names(self) -> Tuple[str, ...]:  # type: ignore[override]
-        return tuple(dict.fromkeys(self.sparsify.option_names + self.consensus.option_names + ("svd_rank", "svd_tol")))
+        return tuple(dict.fromkeys(
+            self.sparsify.option_names + self.consensus.option_names + ("rescale", "scale", "svd_rank", "svd_tol")
+        ))
 
     def decompose(self, factors, weights, scalings, ranks, scaling, dtype, options, generator) -> ModuleMerge:
         compute = torch.float64 if factors[0][0].dtype == torch.float64 else torch.float32
         tasks = chunked.FactoredTasks(factors, scalings, compute)  # τᵢ = sᵢBᵢAᵢ, a chunk of rows at a time
-        dense = chunked.merge(tasks, weights, self.sparsify.make(options), self.consensus.make(options), generator)
+        dense = chunked.merge(tasks, weights, self.sparsify.make(options), self.consensus.make(options), generator,
+                              rescale=bool(options.get("rescale", False)), scale=float(options.get("scale", 1.0)))
         rank = options.get("svd_rank")
         if rank is None and options.get("svd_tol") is None:
             rank = sum(ranks)

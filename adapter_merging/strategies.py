@@ -7,12 +7,13 @@ modules, the front ends and the docs all read this one declaration.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from numbers import Integral, Real
-from typing import Any, Callable, Dict, Literal, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from ._warnings import warn
-from .ops.task_vectors import check_density, check_gamma, check_sign_method
+from .ops.task_vectors import MERGEKIT, OURS, check_convention, check_density, check_gamma, check_sign_method
 from .rules import (
     DROP_AND_RESCALE,
     KEEP_BAND,
@@ -27,20 +28,7 @@ from .rules import (
     TaskVectors,
 )
 
-#: the names of the registered strategies, for type checkers and IDEs (a test keeps it equal to the registry)
-CombineStrategy = Literal[
-    "linear",
-    "lora_linear_only_negate_b",
-    "lora_delta_w_svd",
-    "lora_delta_w_concat",
-    "ties",
-    "dare_linear",
-    "dare_ties",
-    "magnitude_prune",
-    "breadcrumbs",
-]
-#: TIES sign election (``majority_sign_method``)
-SignMethod = Literal["total", "frequency"]
+from .strategy_names import CombineStrategy, SignMethod  # the names live without torch, for the CLI
 
 #: Families of adapters, as named in errors and docs.
 FAMILY_DESCRIPTIONS: Dict[str, str] = {
@@ -124,11 +112,26 @@ class Strategy:
                 f"Unknown option(s) {unknown} for combine_strategy='{self.name}'. Its options are: {valid}."
             )
         parsed = {o.name: o.validate(o.name, given[o.name]) if o.name in given else o.default for o in self.options}
+        if parsed.get("normalize") and parsed.get("convention") != MERGEKIT:
+            raise ValueError(
+                "normalize=True is mergekit's own normalisation and needs convention='mergekit'; "
+                "with this library's definitions use normalize_weights=True."
+            )
         if parsed.get("svd_rank") is not None and parsed.get("svd_tol") is not None:
             raise ValueError(
                 f"Pass either svd_rank (a fixed rank) or svd_tol (the smallest rank whose relative error is at most "
                 f"svd_tol), not both: got svd_rank={parsed['svd_rank']}, svd_tol={parsed['svd_tol']}."
             )
+        # breadcrumbs: drop the top gamma, keep the next density (mergekit's convention shrinks the top dropped)
+        if "gamma" in parsed and "density" in parsed and parsed.get("convention") != MERGEKIT:
+            densities = parsed["density"] if isinstance(parsed["density"], tuple) else (parsed["density"],)
+            gamma = max(parsed["gamma"]) if isinstance(parsed["gamma"], tuple) else parsed["gamma"]
+            if max(densities) + gamma > 1:
+                raise ValueError(
+                    f"combine_strategy='{self.name}' drops the largest gamma={gamma:g} of the entries and keeps "
+                    f"the next density={max(densities):g}: together more than all of them (density + gamma > 1). "
+                    f"Pass density ≤ {1 - gamma:g} (or a smaller gamma)."
+                )
         return parsed
 
     def check_families(self, families) -> None:
@@ -201,8 +204,43 @@ DENSITY = Option("density", 0.2, _density, "fraction of entries of each ΔWᵢ k
 SIGN_METHOD = Option(
     "majority_sign_method", "total", lambda name, value: check_sign_method(value), "TIES sign election: 'total' or 'frequency'"
 )
-GAMMA = Option("gamma", 0.01, lambda name, value: check_gamma(value), "fraction of largest magnitudes dropped (breadcrumbs)")
+def _gamma(name: str, value: Any):
+    """A gamma, or one per input (checked against the number of inputs when merging)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(check_gamma(v) for v in value)
+    return check_gamma(value)
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}.")
+    return value
+
+
+def _finite_number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise TypeError(f"{name} must be a finite number, got {value!r}.")
+    return float(value)
+
+
+GAMMA = Option("gamma", 0.01, _gamma, "fraction of largest magnitudes dropped (breadcrumbs; one number, or one per input)")
 SEED = Option("seed", 0, _seed, "seed of the random drop mask (same seed, same result)")
+# the conventions of the task-vector strategies (their options, declared once here)
+CONVENTION = Option(
+    "convention", OURS, lambda name, value: check_convention(value),
+    "'adapter_merging' (this library's definitions) or 'mergekit' (mergekit 0.1.5's: kept counts "
+    "max(1, ⌊density·N⌋), breadcrumbs ⌊gamma·N⌋, TIES sums of the agreeing λᵢτ̂ᵢ, DARE masks without 1/density)",
+)
+NORMALIZE = Option(
+    "normalize", False, _flag,
+    "convention='mergekit' only: mergekit's `normalize` (TIES: divide each entry by the signed Σ λᵢ of the "
+    "entries kept; others: by Σ λᵢ); pass the weights with normalize_weights=False",
+)
+SCALE = Option("scale", 1.0, _finite_number, "multiplies the merged update (mergekit's `lambda`)")
+RESCALE = Option(
+    "rescale", False, _flag, "multiply each sparsified ΔWᵢ by ‖ΔWᵢ‖₁ / ‖sparsified‖₁ (mergekit's `rescale`)"
+)
+_CONVENTIONS = (CONVENTION, NORMALIZE, SCALE, RESCALE)
 
 # ---------------------------------------------------------------------------- registry
 STRATEGIES: Dict[str, Strategy] = {}
@@ -258,25 +296,31 @@ register_strategy(Strategy(
 register_strategy(Strategy(
     "ties", LORA,
     "TIES on the updates ΔWᵢ: trim to `density`, elect signs, disjoint mean; then re-factorise.",
-    TaskVectors(KEEP_LARGEST, SIGN_ELECTION), options=(DENSITY, SIGN_METHOD) + _REFACTOR,
+    TaskVectors(KEEP_LARGEST, SIGN_ELECTION), options=(DENSITY, SIGN_METHOD) + _CONVENTIONS + _REFACTOR,
 ))
 register_strategy(Strategy(
     "dare_linear", LORA,
     "DARE on the updates ΔWᵢ: drop entries with probability 1 − density, rescale by 1/density, sum.",
-    TaskVectors(DROP_AND_RESCALE, SUM), options=(DENSITY, SEED) + _REFACTOR,
+    TaskVectors(DROP_AND_RESCALE, SUM), options=(DENSITY, SEED) + _CONVENTIONS + _REFACTOR,
 ))
 register_strategy(Strategy(
     "dare_ties", LORA,
     "DARE drop and rescale, then TIES sign election and disjoint mean.",
-    TaskVectors(DROP_AND_RESCALE, SIGN_ELECTION), options=(DENSITY, SIGN_METHOD, SEED) + _REFACTOR,
+    TaskVectors(DROP_AND_RESCALE, SIGN_ELECTION), options=(DENSITY, SIGN_METHOD, SEED) + _CONVENTIONS + _REFACTOR,
 ))
 register_strategy(Strategy(
     "magnitude_prune", LORA,
     "Keep the top `density` magnitudes of each ΔWᵢ, then Σ λᵢ ΔŴᵢ.",
-    TaskVectors(KEEP_LARGEST, SUM), options=(DENSITY,) + _REFACTOR,
+    TaskVectors(KEEP_LARGEST, SUM), options=(DENSITY,) + _CONVENTIONS + _REFACTOR,
 ))
 register_strategy(Strategy(
     "breadcrumbs", LORA,
     "Drop the top `gamma` and keep the next `density` magnitudes of each ΔWᵢ, then Σ λᵢ ΔŴᵢ.",
-    TaskVectors(KEEP_BAND, SUM), options=(DENSITY, GAMMA) + _REFACTOR,
+    TaskVectors(KEEP_BAND, SUM), options=(DENSITY, GAMMA) + _CONVENTIONS + _REFACTOR,
+))
+register_strategy(Strategy(
+    "breadcrumbs_ties", LORA,
+    "Breadcrumbs' band of each ΔWᵢ (drop the top `gamma`, keep the next `density`), then TIES sign election "
+    "and disjoint mean.",
+    TaskVectors(KEEP_BAND, SIGN_ELECTION), options=(DENSITY, GAMMA, SIGN_METHOD) + _CONVENTIONS + _REFACTOR,
 ))

@@ -96,7 +96,8 @@ def test_mergekit_shaped_yaml(work):
     assert result.returncode == 0, result.stderr
     recipe = json.loads((work / "merged" / "merge_report.json").read_text(encoding="utf-8"))["recipe"]
     assert recipe["combine_strategy"] == "ties" and recipe["normalize_weights"] is False
-    assert recipe["options"] == {"svd_tol": 0.05, "density": [0.5, 0.8]}
+    assert recipe["options"] == {"convention": "mergekit", "normalize": False, "scale": 1.0, "rescale": False,
+                                 "density": [0.5, 0.8], "svd_tol": 0.05}  # mergekit's ties (issue 17)
     assert [i["weight"] for i in recipe["inputs"]] == [1.0, 0.5]
     state = torch.load(work / "merged" / "pytorch_adapter.bin", weights_only=True)
     assert {t.dtype for t in state.values()} == {torch.bfloat16}

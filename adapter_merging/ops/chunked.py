@@ -30,8 +30,12 @@ import torch
 
 from .linear import linear_combination
 from .task_vectors import (
-    _count,
+    MERGEKIT,
+    OURS,
+    check_convention,
     dare_bits_many,
+    per_task_gamma,
+    rank_window,
     unpack_bits,
     check_gamma,
     check_sign_method,
@@ -296,20 +300,21 @@ class KeepAll(Sparsify):
 
 
 class KeepWindow(Sparsify):
-    """Keep the magnitude ranks start+1 … stop of each task (`task_vectors.magnitude_mask`:
-    start = 0, stop = ⌈density·N⌉; `breadcrumbs_mask`: start = ⌈gamma·N⌉)."""
+    """Keep the magnitude ranks start+1 … stop of each task: `rank_window` gives them for the
+    convention (ours: `task_vectors.magnitude_mask` / `breadcrumbs_mask`; or mergekit 0.1.5's)."""
 
-    def __init__(self, density, gamma: float = 0.0) -> None:
-        self.density, self.gamma = density, check_gamma(gamma)
+    def __init__(self, density, gamma=0.0, convention: str = OURS, band: bool = False) -> None:
+        self.density, self.gamma = density, gamma
+        self.convention, self.band = check_convention(convention), band
 
     def plan(self, tasks, generator, workspace):
         numel = tasks.shape[0] * tasks.shape[1]
         densities = per_task_density(self.density, tasks.n)
+        gammas = per_task_gamma(self.gamma, tasks.n)
         sampler = torch.Generator().manual_seed(0x5EED)  # brackets only: never changes the result
         self.windows = []
-        for i, density in enumerate(densities):
-            start = _count(self.gamma, numel) if self.gamma else 0
-            stop = min(numel, start + _count(density, numel))
+        for i, (density, gamma) in enumerate(zip(densities, gammas)):
+            start, stop = rank_window(numel, density, gamma, self.convention, self.band)
             self.windows.append(tuple(select_tops(tasks, i, [start, stop], sampler, workspace)))
         self.k = tasks.shape[1]
 
@@ -336,14 +341,16 @@ class DropAndRescale(Sparsify):
     """DARE: mᵢ ~ Bernoulli(densityᵢ) drawn as `task_vectors.dare_mask` draws it (task after task, each
     from its own seed drawn from the merge's generator), kept packed; τ̂ᵢ = mᵢ ⊙ τᵢ / densityᵢ."""
 
-    def __init__(self, density) -> None:
-        self.density = density
+    def __init__(self, density, convention: str = OURS) -> None:
+        self.density, self.convention = density, check_convention(convention)
 
     def plan(self, tasks, generator, workspace):
         d, k = tasks.shape
         self.densities = per_task_density(self.density, tasks.n)
         self.k = k
         self.bits = dare_bits_many(d * k, self.densities, generator)
+        if self.convention == MERGEKIT:  # mergekit's mask alone: m ⊙ τ, no 1/density (its `rescale` does that)
+            self.densities = [1.0] * tasks.n
 
     def _keep(self, task: int, rows: slice, values: torch.Tensor) -> torch.Tensor:
         return unpack_bits(self.bits[task], rows.start * self.k, values.numel()).reshape(values.shape).to(values.device)
@@ -426,6 +433,45 @@ class SignElection(Consensus):
         return out.mul_(magnitudes_.sum()).div_(mass.clamp_(min=smallest))
 
 
+class MergekitSum(Consensus):
+    """mergekit 0.1.5's consensus-free merge: Σᵢ λᵢτ̂ᵢ, divided by Σᵢ λᵢ when ``normalize`` (a sum
+    |Σ λᵢ| < 1e-8 divides by 1)."""
+
+    def __init__(self, normalize: bool) -> None:
+        self.normalize = bool(normalize)
+
+    def exact(self, trimmed, weights):
+        out = weighted_sum(trimmed, weights)
+        if self.normalize:
+            total = float(sum(float(w) for w in weights))
+            out = out / (total if abs(total) >= 1e-8 else 1.0)
+        return out
+
+
+class MergekitSignElection(Consensus):
+    """mergekit 0.1.5's TIES consensus on the weighted λᵢτ̂ᵢ: the majority sign is + where Σᵢ λᵢτ̂ᵢ ≥ 0
+    (``total``; ``frequency``: Σᵢ sign(λᵢτ̂ᵢ) ≥ 0), else −; the entries whose sign equals it (zeros never
+    do) are summed; with ``normalize`` the sum is divided, entry by entry, by the signed Σ λᵢ of the
+    entries kept (1 where that is 0)."""
+
+    def __init__(self, method: str, normalize: bool) -> None:
+        self.method, self.normalize = check_sign_method(method), bool(normalize)
+
+    def exact(self, trimmed, weights):
+        lam = torch.tensor([float(w) for w in weights], dtype=trimmed.dtype, device=trimmed.device)
+        lam = lam.view(-1, *([1] * (trimmed.ndim - 1)))
+        weighted = trimmed * lam
+        signs = torch.sign(weighted)
+        votes = weighted.sum(dim=0) if self.method == "total" else signs.sum(dim=0)
+        majority = torch.where(votes >= 0, 1.0, -1.0).to(trimmed.dtype)
+        keep = (signs == majority).to(trimmed.dtype)
+        out = (weighted * keep).sum(dim=0)
+        if self.normalize:
+            divisor = (lam * keep).sum(dim=0)
+            out = out / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+        return out
+
+
 # ----------------------------------------------------------------------------- the merge
 def merge(
     tasks: Tasks,
@@ -433,27 +479,58 @@ def merge(
     sparsify: Sparsify,
     consensus: Consensus,
     generator: Optional[torch.Generator] = None,
+    *,
+    rescale: bool = False,
+    scale: float = 1.0,
 ) -> torch.Tensor:
-    """τ_m = consensus(sparsify(τ), λ), row chunk by row chunk; returns the d × k merge in ``tasks.dtype``."""
+    """τ_m = scale · consensus(sparsify(τ), λ), row chunk by row chunk; returns the d × k merge in
+    ``tasks.dtype``. ``rescale``: each sparsified task is multiplied by ‖τᵢ‖₁ / ‖τ̂ᵢ‖₁ (mergekit's
+    ``rescale``; left as it is where either norm is below 1e-7), found by one more pass (`l1_rescales`)."""
     if len(weights) != tasks.n:
         raise ValueError(f"Got {len(weights)} weights for {tasks.n} tasks: pass one weight per task.")
     ws = Workspace(tasks)
     sparsify.plan(tasks, generator, ws)
+    factors = l1_rescales(tasks, sparsify, ws) if rescale else None
     d, k = tasks.shape
     out = torch.empty(d, k, dtype=tasks.dtype, device=tasks.device)
     for rows in chunks(d, k):
         trimmed = ws.tasks[:, : rows.stop - rows.start]
         for i in range(tasks.n):
             tasks.rows_into(i, rows, trimmed[i])
-        if math.isfinite(float(trimmed.sum())):
-            for i in range(tasks.n):
+        finite = math.isfinite(float(trimmed.sum()))
+        for i in range(tasks.n):
+            if finite:
                 sparsify.apply_finite_(i, trimmed[i], rows, ws)
+            else:
+                sparsify.apply_(i, trimmed[i], rows)
+            if factors is not None and factors[i] != 1.0:
+                trimmed[i].mul_(factors[i])
+        if finite:
             consensus.into(trimmed, weights, ws, out[rows])
         else:
-            for i in range(tasks.n):
-                sparsify.apply_(i, trimmed[i], rows)
             out[rows] = consensus.exact(trimmed, weights)
+    if scale != 1:
+        out.mul_(float(scale))
     return out
+
+
+#: mergekit's `rescaled_masked_tensor` leaves a task as it is where a norm is below this
+RESCALE_EPS = 1e-7
+
+
+def l1_rescales(tasks: Tasks, sparsify: Sparsify, ws: Workspace) -> List[float]:
+    """‖τᵢ‖₁ / ‖τ̂ᵢ‖₁ per task (1 where either is below `RESCALE_EPS`), the norms summed chunk by chunk
+    in float64 (one pass over the rows of every task)."""
+    d, k = tasks.shape
+    before, after = [0.0] * tasks.n, [0.0] * tasks.n
+    for rows in chunks(d, k):
+        values = ws.view(ws.scratch[-1], rows)
+        for i in range(tasks.n):
+            tasks.rows_into(i, rows, values)
+            before[i] += float(values.abs().sum(dtype=torch.float64))
+            sparsify.apply_(i, values, rows)
+            after[i] += float(values.abs().sum(dtype=torch.float64))
+    return [1.0 if b < RESCALE_EPS or a < RESCALE_EPS else b / a for b, a in zip(before, after)]
 
 
 def sum_consensus() -> Consensus:
@@ -464,7 +541,16 @@ def ties_consensus(method: str) -> Consensus:
     return SignElection(method)
 
 
+def mergekit_sum_consensus(normalize: bool) -> Consensus:
+    return MergekitSum(normalize)
+
+
+def mergekit_ties_consensus(method: str, normalize: bool) -> Consensus:
+    return MergekitSignElection(method, normalize)
+
+
 __all__ = [
     "Tasks", "FactoredTasks", "DenseTasks", "Top", "select_tops", "Sparsify", "KeepAll", "KeepWindow",
-    "DropAndRescale", "Consensus", "Sum", "SignElection", "merge", "sum_consensus", "ties_consensus", "chunks",
+    "DropAndRescale", "Consensus", "Sum", "SignElection", "MergekitSum", "MergekitSignElection", "merge",
+    "sum_consensus", "ties_consensus", "mergekit_sum_consensus", "mergekit_ties_consensus", "l1_rescales", "chunks",
 ]

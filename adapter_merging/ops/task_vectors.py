@@ -78,6 +78,43 @@ def _check_tasks(tasks: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
     return lam.view(-1, *([1] * (tasks.ndim - 1)))
 
 
+#: the definitions a task-vector strategy follows (its ``convention`` option): ours, or mergekit 0.1.5's
+OURS, MERGEKIT = "adapter_merging", "mergekit"
+CONVENTIONS = (OURS, MERGEKIT)
+
+
+def check_convention(convention: str) -> str:
+    """Validate a ``convention``: ``"adapter_merging"`` (ours) or ``"mergekit"`` (mergekit 0.1.5's)."""
+    if convention not in CONVENTIONS:
+        raise ValueError(
+            f"Unknown convention {convention!r}: use 'adapter_merging' (this library's definitions) or "
+            "'mergekit' (mergekit 0.1.5's kept counts, TIES divisor and DARE mask)."
+        )
+    return convention
+
+
+def rank_window(numel: int, density: float, gamma: float, convention: str = OURS, band: bool = False):
+    """(start, stop): the magnitude ranks start+1 … stop of a task of ``numel`` entries are kept.
+
+    * ours: start = ⌈gamma·N⌉ (0 without gamma), stop = min(N, start + ⌈density·N⌉) (`magnitude_mask`,
+      `breadcrumbs_mask`);
+    * mergekit 0.1.5, magnitude (``band`` False, TIES): everything if density ≥ 1, else the top
+      max(1, ⌊density·N⌋);
+    * mergekit 0.1.5, magnitude with outliers (``band`` True, breadcrumbs): everything if density ≥ 1,
+      else K = ⌊density·N⌋ entries below the top ⌊gamma·N⌋, the top dropped shrinking where
+      ⌊gamma·N⌋ + K > N (the K smallest are kept then)."""
+    if check_convention(convention) == OURS:
+        start = _count(gamma, numel) if gamma else 0
+        return start, min(numel, start + _count(density, numel))
+    if density >= 1:
+        return 0, numel
+    if not band:
+        return 0, min(numel, max(1, int(density * numel)))
+    kept = int(density * numel)
+    start = min(int(gamma * numel), numel - kept)
+    return start, start + kept
+
+
 def _count(fraction: float, numel: int) -> int:
     """ceil(fraction·numel) clamped to [0, numel]; a 1e-12 relative guard keeps products such as
     0.07·100 = 7.000000000000001 from rounding up to an extra entry."""
@@ -304,6 +341,15 @@ def per_task_density(density: Density, n: int) -> List[float]:
     return [check_density(d) for d in density]
 
 
+def per_task_gamma(gamma, n: int) -> List[float]:
+    """One validated gamma per task: a number for every task, or a sequence of n (mergekit's per-model gamma)."""
+    if isinstance(gamma, (str, bytes)) or not isinstance(gamma, Sequence):
+        return [check_gamma(gamma)] * n
+    if len(gamma) != n:
+        raise ValueError(f"gamma has {len(gamma)} values for {n} inputs: pass one number, or one per input.")
+    return [check_gamma(g) for g in gamma]
+
+
 def keep_largest(tasks: torch.Tensor, density: Density) -> torch.Tensor:
     """τ̂ᵢ = magnitude_mask(τᵢ, densityᵢ) ⊙ τᵢ: the top ``density`` magnitudes of each task (TIES trim)."""
     densities = per_task_density(density, tasks.shape[0])
@@ -399,6 +445,12 @@ def breadcrumbs(tasks: torch.Tensor, weights: Sequence[float], density: float, g
 
 __all__ = [
     "SIGN_METHODS",
+    "OURS",
+    "MERGEKIT",
+    "CONVENTIONS",
+    "check_convention",
+    "rank_window",
+    "per_task_gamma",
     "keep_all",
     "keep_largest",
     "keep_band",

@@ -1,0 +1,212 @@
+"""mergekit's YAML, read as mergekit 0.1.5 reads it: the one place that translates its language.
+
+A mergekit configuration names full models; here every ``model:`` is an adapter folder (or Hub id) and
+the merge is of their updates ΔWᵢ, which is what mergekit's methods compute on ``model − base_model``:
+
+* ``linear`` — Σ wᵢ ΔWᵢ / Σ wᵢ (``normalize``, default true), the exact weighted average (LoRA: of the
+  ΔWᵢ, never of A and B separately). Without ``normalize`` mergekit also scales the base model by Σ wᵢ,
+  which no adapter can hold: refused unless Σ wᵢ = 1.
+* ``task_arithmetic`` — λ·Σ wᵢ ΔWᵢ (divided by Σ wᵢ with ``normalize``, default false), exact.
+* ``ties``, ``dare_ties``, ``dare_linear``, ``breadcrumbs``, ``breadcrumbs_ties`` — our strategies of
+  those names with ``convention="mergekit"``: mergekit's kept counts, its TIES divisor, its DARE mask,
+  its ``normalize``/``rescale`` defaults per method and ``lambda`` (our option ``scale``).
+
+Nothing here imports torch. Errors are `ConfigError`: one line naming the file, the key and the fix.
+"""
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+#: mergekit 0.1.5's per-method defaults (its registry): (normalize, rescale); and the parameters each has
+DEFAULTS: Dict[str, Tuple[bool, bool]] = {
+    "linear": (True, False),
+    "task_arithmetic": (False, False),
+    "ties": (True, False),
+    "dare_ties": (False, True),
+    "dare_linear": (False, True),
+    "breadcrumbs": (False, False),
+    "breadcrumbs_ties": (False, False),
+}
+#: the generalized task arithmetic methods that sparsify (our strategy of the same name, convention "mergekit")
+SPARSIFYING = ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties")
+#: mergekit methods we know but do not compute
+UNSUPPORTED_METHODS = ("della", "della_linear", "slerp", "nuslerp", "multislerp", "karcher", "model_stock",
+                       "sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl", "passthrough")
+#: keys of a mergekit configuration that concern the tokenizer: an adapter has none (ignored with a note)
+TOKENIZER_KEYS = ("tokenizer_source", "tokenizer", "chat_template")
+#: keys of a mergekit configuration we do not support (with why)
+UNSUPPORTED_KEYS = {
+    "slices": "layer slices (a mergekit layer-stacking feature)",
+    "modules": "per-module definitions",
+}
+#: our own keys beside mergekit's
+OWN_KEYS = ("output", "name")
+#: our own global parameters (this library's strategy options)
+OWN_PARAMETERS = ("svd_rank", "svd_tol", "seed", "majority_sign_method")
+BOOLEANS = ("normalize", "rescale", "int8_mask")
+NUMBERS = ("weight", "density", "gamma", "lambda")
+
+
+class ConfigError(ValueError):
+    """A mergekit-shaped YAML whose content is wrong: one line naming the file and the key."""
+
+
+def method_parameters(method: str) -> Tuple[str, ...]:
+    """The parameters mergekit 0.1.5 gives ``method`` (global or per model)."""
+    if method == "linear":
+        return ("weight", "normalize")
+    gamma = ("gamma",) if method.startswith("breadcrumbs") else ()
+    return ("weight", "density", "normalize", "rescale", "lambda", "int8_mask") + gamma
+
+
+def plan_from_config(data: Any, source: str) -> Dict[str, Any]:
+    """The merge a mergekit-shaped configuration (already parsed from YAML) describes, as the CLI's plan:
+    inputs, weights, strategy, options, normalize, output, dtype, name, notes, recipe_extra, base_model,
+    linear_lora. Raises `ConfigError` (everything that is wrong, where it can be said in one line)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the file must be a mapping with `models:` and `merge_method:`, got {type(data).__name__}.")
+    models = data.get("models")
+    if not isinstance(models, list) or not models:
+        raise ConfigError(f"{source}: needs a `models:` list (each with `model:` and `parameters: {{weight: …}}`).")
+    method = data.get("merge_method", "linear")
+    if not isinstance(method, str) or method not in DEFAULTS:
+        known = "" if not isinstance(method, str) or method not in UNSUPPORTED_METHODS else " (a mergekit method this library does not compute)"
+        raise ConfigError(f"{source}: merge_method {method!r} is not supported{known}; use one of {sorted(DEFAULTS)}.")
+    notes: List[str] = []
+    unsupported: List[str] = []  # every key we refuse, said at once
+    ignored: List[str] = []
+    for key in data:
+        if key in UNSUPPORTED_KEYS:
+            unsupported.append(f"`{key}` ({UNSUPPORTED_KEYS[key]})")
+        elif key in TOKENIZER_KEYS:
+            ignored.append(key)
+            notes.append(f"`{key}` was ignored: an adapter has no tokenizer.")
+        elif key not in ("models", "merge_method", "parameters", "dtype", "out_dtype", "base_model") + OWN_KEYS:
+            unsupported.append(f"`{key}` (unknown key)")
+    allowed = method_parameters(method)
+    shared = _mapping(data.get("parameters"), "parameters", source)
+    own = {k: shared.pop(k) for k in OWN_PARAMETERS if k in shared}
+    globals_ = _values(shared, "parameters", allowed, method, source, unsupported)
+    base_model = data.get("base_model")
+    if base_model is not None and not isinstance(base_model, str):
+        raise ConfigError(f"{source}: base_model must be a model id or folder (a string), got {base_model!r}.")
+    inputs, per_model = [], []
+    base_weight = None
+    for index, entry in enumerate(models):
+        where = f"models[{index}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
+            raise ConfigError(f"{source}: {where} needs a `model:` (an adapter folder or Hub id).")
+        extra = sorted(set(entry) - {"model", "parameters"})
+        if extra:
+            unsupported.append(f"{where}: {extra} (unknown key)")
+        values = _values(_mapping(entry.get("parameters"), f"{where}.parameters", source), f"{where}.parameters",
+                         allowed, method, source, unsupported)
+        if base_model is not None and entry["model"] == base_model:
+            if method == "linear":  # mergekit's linear ignores the base: it is one more input, ΔW = 0
+                base_weight = values.get("weight", globals_.get("weight"))
+                notes.append(f"models[{index}] is the base model: in linear it counts as an input with no update.")
+            else:
+                notes.append(f"models[{index}] is the base model: its update is zero, as in mergekit (left out).")
+            continue
+        inputs.append(entry["model"])
+        per_model.append(values)
+    if unsupported:
+        raise ConfigError(f"{source}: not supported: " + "; ".join(unsupported) +
+                          ". Give one number per key (per-layer lists and filters are not supported).")
+    if not inputs:
+        raise ConfigError(f"{source}: `models:` lists only the base model: add the adapters to merge.")
+
+    def setting(key: str, index: int, default=None):
+        return per_model[index].get(key, globals_.get(key, default))
+
+    weights = [setting("weight", i) for i in range(len(inputs))]
+    missing = [f"models[{i}]" for i, w in enumerate(weights) if w is None]
+    if missing:
+        raise ConfigError(f"{source}: {', '.join(missing)} have no `weight` (mergekit requires one): give "
+                          "`parameters: {weight: …}` to every model, or a global `parameters: {weight: …}`.")
+    normalize_default, rescale_default = DEFAULTS[method]
+    normalize = globals_.get("normalize")
+    if normalize is None:
+        normalize = normalize_default
+        notes.append(f"normalize: {str(normalize).lower()} (mergekit's default for {method}; the YAML does not say).")
+    else:
+        notes.append(f"normalize: {str(normalize).lower()} (as the YAML says).")
+    if globals_.get("int8_mask") is not None:
+        notes.append("int8_mask was ignored: it only saves memory in mergekit (the result is the same).")
+    ignored += ["int8_mask"] if "int8_mask" in globals_ else []
+    scale = globals_.get("lambda", 1.0)
+    plan: Dict[str, Any] = {
+        "inputs": inputs, "options": {}, "normalize": False, "output": data.get("output"),
+        "dtype": data.get("out_dtype", data.get("dtype")), "name": data.get("name"), "notes": notes,
+        "base_model": base_model, "linear_lora": "exact",
+        "recipe_extra": {"merge_method": method, "ignored_keys": ignored, "config_file": source},
+    }
+    if method == "linear":
+        total = math.fsum(weights) + (base_weight or 0.0)
+        if normalize:
+            if total == 0:
+                raise ConfigError(f"{source}: the weights {weights} sum to 0, so linear with normalize: true divides "
+                                  "by zero (mergekit gives NaN): change the weights.")
+            weights = [w / total for w in weights]
+        elif not math.isclose(total, 1.0, rel_tol=1e-9, abs_tol=1e-12):
+            raise ConfigError(f"{source}: linear with normalize: false and weights summing to {total:g} scales the base "
+                              "model by that sum, which an adapter cannot hold: use normalize: true, weights summing "
+                              "to 1, or merge_method: task_arithmetic (the update alone).")
+        plan.update(weights=weights, strategy="linear")
+    elif method == "task_arithmetic":
+        total = math.fsum(weights)
+        divisor = total if normalize and abs(total) >= 1e-8 else 1.0
+        for key in ("density", "rescale"):
+            if key in globals_ or any(key in values for values in per_model):
+                notes.append(f"{key} has no effect with task_arithmetic (as in mergekit).")
+        plan.update(weights=[w * scale / divisor for w in weights], strategy="task_arithmetic")
+    else:
+        options: Dict[str, Any] = {
+            "convention": "mergekit", "normalize": bool(normalize), "scale": float(scale),
+            "rescale": bool(globals_.get("rescale", rescale_default)),
+            "density": [float(setting("density", i, 1.0)) for i in range(len(inputs))],
+        }
+        if method.startswith("breadcrumbs"):
+            gammas = [float(setting("gamma", i, 0.01)) for i in range(len(inputs))]
+            options["gamma"] = gammas[0] if len(set(gammas)) == 1 else gammas
+        if method.startswith("dare"):
+            notes.append("DARE's random masks follow mergekit's definition but not its random numbers (seed "
+                         f"{own.get('seed', 0)} of this library).")
+        options.update(own)
+        plan.update(weights=weights, strategy=method, options=options)
+        return plan
+    plan["options"].update(own)
+    return plan
+
+
+def _mapping(value: Any, key: str, source: str) -> Dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: `{key}` must be a mapping (key: value), got {type(value).__name__} {value!r}.")
+    return dict(value)
+
+
+def _values(given: Mapping[str, Any], where: str, allowed, method: str, source: str, unsupported: List[str]) -> Dict[str, Any]:
+    """The parameters in ``given``, each checked: booleans must be true/false, numbers numbers; lists
+    (per-layer gradients) and filters go to ``unsupported``; keys ``method`` does not have raise."""
+    out: Dict[str, Any] = {}
+    for key, value in given.items():
+        if key not in allowed:
+            unsupported.append(f"{where}.{key} (not a parameter of {method}: it has {', '.join(allowed)})")
+            continue
+        if isinstance(value, list) or (isinstance(value, dict) and "filter" in value):
+            what = "a filter" if isinstance(value, dict) or any(isinstance(v, dict) for v in value) else "a per-layer list"
+            unsupported.append(f"{where}.{key} ({what})")
+            continue
+        if key in BOOLEANS:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{source}: {where}.{key} must be true or false, got {value!r}"
+                                  f"{' (a string)' if isinstance(value, str) else ''}.")
+        elif isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+            raise ConfigError(f"{source}: {where}.{key} must be a finite number, got {value!r}"
+                              f"{' (a string)' if isinstance(value, str) else ''}.")
+        out[key] = value
+    return out
