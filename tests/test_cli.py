@@ -71,7 +71,7 @@ def test_merge_with_weights_summary_and_report(work):
     assert result.returncode == 0, result.stderr
     assert "merged 2 adapters into out" in result.stderr and "lora_delta_w_concat (a: +1, b: -1)" in result.stderr
     assert "rank       5" in result.stderr and "error      max " in result.stderr
-    report = json.loads((work / "report.json").read_text(encoding="utf-8"))
+    report = json.loads((work / "report.json").read_text(encoding="utf-8"))["report"]  # merge_report.json's copy
     assert report["weights"] == {"a": 1.0, "b": -1.0} and report["max_error"] < 1e-6  # float32 storage
     assert {p.name for p in (work / "out").iterdir()} == {"adapter_config.json", "pytorch_adapter.bin", "merge_report.json"}
     quiet = run("a", "b", "-s", "lora_delta_w_svd", "-o", "out2", "-q", cwd=work)
