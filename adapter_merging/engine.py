@@ -70,12 +70,16 @@ def merge(
     name: str = "merged",
     kind: str = "adapter",
     progress: Optional[Callable[[int, int], None]] = None,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> MergeResult:
     """Merge ``inputs`` into one adapter (or head, ``kind="head"``) called ``name``.
 
     ``weights`` as in ``average_adapter``: None (1/N), one per input, or a dict by input name;
     ``options`` are the strategy's options (``svd_tol``, ``density``, …). ``progress(done, total)`` is
-    called as modules are merged. Raises ValueError/TypeError naming the problem and the fix; nothing
+    called as modules are merged. ``out_dtype``: the dtype the merged floating tensors are stored in
+    (None: the inputs', the widest where they differ); the merge is computed from the inputs as they are
+    stored and the report measures the stored result against them. Every input tensor is checked for
+    NaN and ±inf before a rule sees it. Raises ValueError/TypeError naming the problem and the fix; nothing
     is changed anywhere, so a failure needs no undo."""
     names = [item.name for item in inputs]
     resolved = resolve_weights(names, weights, normalize_weights, kind=kind)
@@ -85,7 +89,8 @@ def merge(
     configs = [item.config for item in inputs]
     parts = check_configs(names, configs, strategy)
     tensors = complete_modules(inputs, parts[0])
-    tensors = promote_dtypes(names, tensors, report)
+    tensors = {n: _Finite(n, tensors[n], kind) for n in names}  # every tensor checked as it is first read
+    tensors = promote_dtypes(names, tensors, report, out_dtype)
     slots = set().union(*(set(tensors[n]) for n in names))  # methods may store a unit differently per input
     owners = _assign_slots(parts[0], slots)
     generator = torch.Generator().manual_seed(parsed["seed"]) if "seed" in parsed else None
@@ -94,12 +99,15 @@ def merge(
         module_ranks={i.name: dict(i.module_ranks) for i in inputs},
         module_scalings={i.name: dict(i.module_scalings) for i in inputs},
         progress=_counter({slot.prefix for slot in slots}, progress) if progress else None,
+        out_dtype=out_dtype,
     )
     new_parts, merged = [], {}
     for j, part in enumerate(parts[0]):
         new_part, out = method_for(part).merge(ctx, [p[j] for p in parts], owners.get(j, []))
         new_parts.append(new_part)
         merged.update(out)
+    if out_dtype is not None:  # a method that stores in its own dtype (prefix tuning, ReFT: not measured)
+        merged = {k: t.to(out_dtype) if t.is_floating_point() else t for k, t in merged.items()}
     check_finite(name, names, tensors, merged, kind)
     return MergeResult(union_like(configs[0], new_parts), merged, report, dict(ctx.merged_modules))
 
@@ -238,21 +246,76 @@ def _refuse_incomplete(first: str, other: str, mine: Mapping[Any, Slot], theirs:
     )
 
 
-def promote_dtypes(names: Sequence[str], tensors: Mapping[str, Tensors], report: MergeReport) -> Dict[str, Tensors]:
-    """Inputs of different floating dtypes are merged and stored in the widest (``result_dtype``),
-    whatever their order, and the report says so; inputs of one dtype are passed through as they are."""
+def promote_dtypes(names: Sequence[str], tensors: Mapping[str, Tensors], report: MergeReport,
+                   out_dtype: Optional[torch.dtype] = None) -> Dict[str, Tensors]:
+    """Inputs of different floating dtypes are merged in the widest (``result_dtype``), whatever their
+    order, and stored in it (or in ``out_dtype``), and the report says so; inputs of one dtype are
+    passed through as they are."""
     dtypes = {name: {dtype_of(tensors[name], s) for s in tensors[name]} for name in names}
     floating = {name: sorted({d for d in ds if d.is_floating_point}, key=str) for name, ds in dtypes.items()}
     found = sorted({d for ds in floating.values() for d in ds}, key=str)
     if not found:
         return dict(tensors)
     widest = result_dtype(found)
-    report.dtype = str(widest).replace("torch.", "")
+    report.dtype = _dtype_name(out_dtype if out_dtype is not None else widest)
+    if out_dtype is not None and found != [out_dtype]:
+        report.notes.append(
+            f"Stored in {report.dtype} as asked; computed from the inputs as stored "
+            f"({'/'.join(_dtype_name(d) for d in found)}), and the errors are measured against them, storage rounding included."
+        )
     if len(found) == 1:
         return dict(tensors)
-    listing = ", ".join(f"'{n}': {'/'.join(str(d).replace('torch.', '') for d in floating[n])}" for n in names)
-    report.notes.append(f"The inputs have different dtypes ({listing}); merged and stored in {report.dtype}, the widest.")
+    listing = ", ".join(f"'{n}': {'/'.join(_dtype_name(d) for d in floating[n])}" for n in names)
+    merged_in = _dtype_name(widest)
+    stored = f"stored in {report.dtype}" if out_dtype is not None else "stored in it"
+    report.notes.append(f"The inputs have different dtypes ({listing}); merged in {merged_in}, the widest, and {stored}.")
     return {name: _Cast(tensors[name], widest) for name in names}
+
+
+class _Finite(Mapping):
+    """An input's tensors, each checked for NaN and ±inf the first time it is read, before any rule sees
+    it: one clear error naming the input and the tensor, whatever the strategy (a NaN would otherwise
+    pass silently through a sign election, or reach an SVD as a LinAlgError). Lazy inputs stay lazy and
+    are read once per check: a tensor is checked when the merge reads it, not in a pass of its own."""
+
+    def __init__(self, name: str, tensors: Tensors, kind: str) -> None:
+        self.name, self.tensors, self.kind, self.checked = name, tensors, kind, set()
+
+    def __getitem__(self, slot: Slot) -> torch.Tensor:
+        tensor = self.tensors[slot]
+        if slot not in self.checked:
+            if tensor.is_floating_point() or tensor.is_complex():
+                if not bool(torch.isfinite(tensor).all()):
+                    raise ValueError(non_finite_input(self.kind, self.name, slot, tensor))
+            self.checked.add(slot)
+        return tensor
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __contains__(self, slot) -> bool:
+        return slot in self.tensors
+
+    def dtype_of(self, slot: Slot) -> torch.dtype:
+        return dtype_of(self.tensors, slot)
+
+
+def non_finite_input(kind: str, name: str, slot: Slot, tensor: torch.Tensor) -> str:
+    """The refusal of an input tensor that holds NaN or ±inf (counts of each, and where)."""
+    nan = int(torch.isnan(tensor).sum())
+    inf = int(torch.isinf(tensor).sum())
+    found = ", ".join(f"{count} {what}" for count, what in ((nan, "NaN"), (inf, "±inf")) if count)
+    return (
+        f"The {kind} '{name}' has non-finite values (NaN or inf) in {slot.key(name)} ({found} of {tensor.numel()} "
+        "entries), so the merge would be too, whatever its weight. Leave it out, or reload or retrain it (nothing was changed)."
+    )
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 class _Cast(Mapping):
@@ -278,19 +341,18 @@ class _Cast(Mapping):
 
 def check_finite(new_name: str, names: Sequence[str], inputs: Mapping[str, Tensors], merged: Tensors, kind: str) -> None:
     """Refuse a merge whose result holds NaN or ±inf: name the input that has them, or else the
-    merged tensor that overflowed its dtype. Runs before anything is written."""
+    merged tensor that overflowed its dtype. Runs before anything is written. (The inputs of `merge` are
+    checked before any rule reads them, so there the result's check catches overflow.)"""
     if not merged or bool(torch.isfinite(torch.stack([t.sum().float().cpu() for t in merged.values()])).all()):
         return  # fast path: NaN and ±inf propagate into a sum (a finite sum means finite entries)
     bad = next((slot for slot in sorted(merged) if not bool(torch.isfinite(merged[slot]).all())), None)
     if bad is None:
         return  # only a sum overflowed
-    for name in names:
+    for name in names:  # the engine's inputs are checked as they are read (`_Finite`): this is for direct callers
         for slot in sorted(inputs[name]):
-            if not bool(torch.isfinite(inputs[name][slot]).all()):
-                raise ValueError(
-                    f"The {kind} '{name}' has non-finite values (NaN or inf) in {slot.key(name)}, so the merge "
-                    f"would be too. Leave it out, or reload or retrain it."
-                )
+            tensor = inputs[name][slot]
+            if not bool(torch.isfinite(tensor).all()):
+                raise ValueError(non_finite_input(kind, name, slot, tensor))
     raise ValueError(
         f"The merged value of {bad.key(new_name)} is not finite: the weights make it overflow "
         f"{merged[bad].dtype}. Use smaller weights (e.g. normalize_weights=True)."

@@ -88,7 +88,8 @@ def merge_saved_adapters(
     :param seed: see `adapter_merging.average_adapter`.
     :param device: where to compute (e.g. ``"cuda"``); the output is written from the CPU.
     :param dtype: the dtype of the merged adapter (``"float32"``, ``"float16"``, ``"bfloat16"``,
-        ``"float64"`` or a torch dtype); the inputs are cast to it as they are read. None: theirs.
+        ``"float64"`` or a torch dtype). The merge is computed from the inputs as stored and its report
+        measures the stored result against them (storage rounding included). None: the inputs' dtype.
     :param progress: a progress bar over modules on stderr: None (default) shows one if the merge
         takes longer than 2 s, True always, False never; or a callable ``progress(modules done,
         modules in all)``.
@@ -138,9 +139,9 @@ def merge_saved_adapters(
     base_notes = _check_bases(bases, base_model, allow_different_bases)
     torch_dtype = _torch_dtype(dtype)
     for item in saved:
-        item.adapter.tensors = placed(item.adapter.tensors, device, torch_dtype)
+        item.adapter.tensors = placed(item.adapter.tensors, device)  # read as stored: the engine stores in dtype
         if item.head is not None:
-            item.head.tensors = placed(item.head.tensors, device, torch_dtype)
+            item.head.tensors = placed(item.head.tensors, device)
     asked = combine_strategy
     strategy_notes: List[str] = []
     if combine_strategy == "task_arithmetic":
@@ -155,7 +156,7 @@ def merge_saved_adapters(
     try:
         result = merge(
             [item.adapter for item in saved], weights, combine_strategy, normalize_weights, svd_rank, options,
-            name=name, progress=callback,
+            name=name, progress=callback, out_dtype=torch_dtype,
         )
     finally:
         finished()
@@ -163,7 +164,8 @@ def merge_saved_adapters(
     head = None
     with_head = [item for item in saved if item.head is not None]
     if with_head and len(with_head) == len(saved):
-        head = merge([item.head for item in saved], weights, "linear", normalize_weights, name=name, kind="head")
+        head = merge([item.head for item in saved], weights, "linear", normalize_weights, name=name, kind="head",
+                     out_dtype=torch_dtype)
     elif with_head:
         what = "a prediction head" if saved[0].format == "adapters" else "modules_to_save"
         report.notes.append(

@@ -93,10 +93,13 @@ def read_adapters_format(folder: Path, name: str, source: str) -> SavedAdapter:
 
     metadata = read_json(folder / CONFIG)
     saved_name = metadata["name"]
+    if not isinstance(saved_name, str) or not saved_name:
+        raise InputError(f"{folder / CONFIG}: 'name' is {json.dumps(saved_name)}, but must be the adapter's name (a string).")
     try:
         config = AdapterConfig.load(metadata["config"])
     except Exception as error:
         raise InputError(f"{folder / CONFIG}: its configuration cannot be read by adapters ({error}).") from None
+    check_adapters_config(folder / CONFIG, config)
     weights_file = first_existing(folder, ADAPTERS_WEIGHTS)
     if weights_file is None:
         raise InputError(f"{folder} holds no weights file ({' or '.join(ADAPTERS_WEIGHTS)}).")
@@ -111,6 +114,22 @@ def read_adapters_format(folder: Path, name: str, source: str) -> SavedAdapter:
         saved.head = AdapterInput(name, HeadConfig(str(head.get("head_type", "head")), dict(head)), head_tensors)
         saved.head_file, saved.head_metadata = head_file, head_metadata
     return saved
+
+
+def check_adapters_config(path: Path, config) -> None:
+    """Refuse what ``adapters`` loads without a check but no merge can use: a LoRA ``r`` that is not a
+    positive integer, an ``alpha`` that is not a number (one line naming the file and the key)."""
+    from adapters import LoRAConfig
+
+    from ..engine import config_parts
+
+    for part in config_parts(config):
+        if not isinstance(part, LoRAConfig):
+            continue
+        if not _positive_int(part["r"]):
+            raise InputError(f"{path}: 'config.r' is {json.dumps(part['r'])}, but must be a positive integer (the LoRA rank): correct it in the file.")
+        if not _finite_number(part["alpha"]):
+            raise InputError(f"{path}: 'config.alpha' is {json.dumps(part['alpha'])}, but must be a number: correct it in the file.")
 
 
 def _slots_of(weights: LazyFile, saved_name: str, containers, path: Path) -> Renamed:
@@ -217,6 +236,7 @@ def read_peft_format(folder: Path, name: str, source: str) -> SavedAdapter:
     peft_type = metadata.get("peft_type")
     if peft_type not in ("LORA", "IA3"):
         raise InputError(f"{folder}: PEFT type {peft_type!r} is not supported; LoRA and IA³ adapters are.")
+    check_peft_config(folder / CONFIG, metadata)
     for flag, what in (("use_dora", "DoRA"), ("lora_bias", "LoRA biases (lora_bias)")):
         if metadata.get(flag):
             raise InputError(
@@ -228,7 +248,7 @@ def read_peft_format(folder: Path, name: str, source: str) -> SavedAdapter:
         raise InputError(f"{folder} holds no weights file ({' or '.join(PEFT_WEIGHTS)}).")
     _refuse_target_parameters(folder, metadata)
     weights = LazyFile(weights_file)
-    modules_to_save = set(metadata.get("modules_to_save") or [])
+    modules_to_save = set(metadata.get("modules_to_save") or [])  # a list (check_peft_config)
     slots: Dict[Slot, str] = {}
     layouts: Dict[str, Layout] = {}
     frozen: Dict[str, torch.Tensor] = {}
@@ -268,6 +288,8 @@ def read_peft_format(folder: Path, name: str, source: str) -> SavedAdapter:
                 "LoRA biases and trainable tokens are not supported from files)."
             )
     _check_conv_groups(weights_file, weights, slots, layouts)
+    if isinstance(metadata.get("feedforward_modules"), str):  # PEFT's regex form: the modules it matches
+        metadata["feedforward_modules"] = sorted(m for m in layouts if re.fullmatch(metadata["feedforward_modules"], m))
     transform = lambda slot, tensor: layouts[slot.prefix].to_matrix(slot.param, tensor)  # noqa: E731
     modules = _lora_modules(metadata, weights, slots) if peft_type == "LORA" else {}
     adapter = peft_adapter_input(name, peft_type, metadata.get("r", 8), metadata.get("lora_alpha", 8), modules,
@@ -305,6 +327,58 @@ def _check_conv_groups(weights_file: Path, weights: LazyFile, slots: Mapping[Slo
                 )
 
 
+def check_peft_config(path: Path, metadata: Dict[str, Any]) -> None:
+    """Refuse a PEFT configuration this library would misread, one line naming the file and the key:
+    ``r`` and ``lora_alpha`` must be numbers (r a positive integer), ``rank_pattern`` / ``alpha_pattern``
+    dicts of valid regular expressions to such numbers, ``use_rslora`` a bool. ``modules_to_save`` /
+    ``target_modules`` given as one string mean that one name (``modules_to_save: "lm_head"`` is
+    ``["lm_head"]``, and is written back as a list: PEFT would match every letter of a string)."""
+
+    def refuse(key: str, value: Any, wanted: str) -> InputError:
+        return InputError(f"{path}: '{key}' is {json.dumps(value)}, but must be {wanted}: correct it in the file.")
+
+    lora = metadata.get("peft_type") == "LORA"
+    if lora:
+        if "r" in metadata and not _positive_int(metadata["r"]):
+            raise refuse("r", metadata["r"], "a positive integer (the LoRA rank)")
+        if "lora_alpha" in metadata and not _finite_number(metadata["lora_alpha"]):
+            raise refuse("lora_alpha", metadata["lora_alpha"], "a number (the scaling is lora_alpha / r)")
+        for key, valid, wanted in (("rank_pattern", _positive_int, "a positive integer"), ("alpha_pattern", _finite_number, "a number")):
+            patterns = metadata.get(key)
+            if patterns is None:
+                continue
+            if not isinstance(patterns, dict):
+                raise refuse(key, patterns, "a dict {module name or regular expression: value} (or null)")
+            for pattern, value in patterns.items():
+                try:
+                    re.compile(rf"(.*\.)?({pattern})$")
+                except re.error as error:
+                    raise InputError(
+                        f"{path}: '{key}' has the key {json.dumps(pattern)}, which is not a valid regular expression "
+                        f"({error}): correct it in the file."
+                    ) from None
+                if not valid(value):
+                    raise refuse(f"{key}[{json.dumps(pattern)}]", value, wanted)
+        if "use_rslora" in metadata and not isinstance(metadata["use_rslora"], bool) and metadata["use_rslora"] is not None:
+            raise refuse("use_rslora", metadata["use_rslora"], "true or false")
+    for key in ("modules_to_save", "target_modules", "feedforward_modules"):
+        value = metadata.get(key)
+        if key == "modules_to_save" and isinstance(value, str):
+            metadata[key] = [value]
+        elif value is not None and not isinstance(value, str) and (
+            not isinstance(value, list) or not all(isinstance(v, str) for v in value)
+        ):
+            raise refuse(key, value, "a list of module names (or null)")
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _shape(weights: LazyFile, key: str) -> Tuple[int, ...]:
     return tuple(weights.shape_of(key))
 
@@ -326,6 +400,11 @@ def _lora_modules(metadata, weights: LazyFile, slots: Mapping[Slot, str]) -> Dic
     for slot, key in slots.items():
         if slot.param == "lora_A":
             rank = int(_shape(weights, key)[0])
+            if rank < 1:
+                raise InputError(
+                    f"{weights.path}: the LoRA of '{slot.prefix}' has rank 0 ({key} has shape {_shape(weights, key)}): "
+                    "it holds no update. Re-save the adapter, or leave it out."
+                )
             module_alpha = float(_pattern_value(metadata.get("alpha_pattern") or {}, slot.prefix, alpha))
             modules[slot.prefix] = (rank, module_alpha / (math.sqrt(rank) if rslora else rank))
     return modules

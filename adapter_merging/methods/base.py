@@ -34,6 +34,9 @@ class MergeContext:
     merged_modules: Dict[str, Tuple[int, float]] = field(default_factory=dict)
     #: called with a module (slot prefix) each time one is merged (a progress bar)
     progress: Optional[Callable[[str], None]] = None
+    #: the dtype the merged tensors are stored in (None: the inputs'); merges are computed from the
+    #: inputs as stored and measured as stored in this dtype
+    out_dtype: Optional[torch.dtype] = None
 
     def advance(self, module: str) -> None:
         if self.progress is not None:
@@ -45,7 +48,13 @@ class MergeContext:
 
     def with_weights(self, weights: Sequence[float]) -> "MergeContext":
         """The same inputs with other weights (e.g. |λᵢ| for one parameter)."""
-        return MergeContext(self.names, list(weights), self.tensors, self.strategy, self.options, self.report)
+        return MergeContext(self.names, list(weights), self.tensors, self.strategy, self.options, self.report,
+                            out_dtype=self.out_dtype)
+
+    def stored_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype a merged tensor computed from inputs of ``dtype`` is stored in: ``out_dtype`` for
+        floating tensors where one is asked for, else ``dtype``."""
+        return self.out_dtype if self.out_dtype is not None and dtype.is_floating_point else dtype
 
 
 def dtype_of(tensors: Tensors, slot: Slot) -> torch.dtype:
@@ -66,7 +75,8 @@ def linear_merge(ctx: MergeContext, slots: Sequence[Slot], weights_for: Optional
                 f"The inputs' tensors {slot.key('<name>')} have different shapes ({listing}): they were trained on "
                 "different base models or with different configurations, and cannot be merged."
             )
-        merged[slot] = linear_combination(tensors, weights_for(slot.param, ctx.weights) if weights_for else ctx.weights)
+        value = linear_combination(tensors, weights_for(slot.param, ctx.weights) if weights_for else ctx.weights)
+        merged[slot] = value.to(ctx.stored_dtype(value.dtype))
         ctx.advance(slot.prefix)
     return merged
 

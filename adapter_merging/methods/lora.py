@@ -335,7 +335,7 @@ def _merge_updates(ctx: MergeContext, configs, units, rule: DeltaWRule) -> Tuple
         a_slot = next(s for s in slots if s.param == "lora_A")
         b_slot = a_slot.replace_param("lora_B")
         ranks, scalings = per_module[prefix]
-        dtype = dtype_of(ctx.tensors[ctx.names[0]], a_slot)
+        dtype = ctx.stored_dtype(dtype_of(ctx.tensors[ctx.names[0]], a_slot))
         groups = [split_groups(ctx.tensors[n][b_slot], ctx.tensors[n][a_slot], r) for n, r in zip(ctx.names, ranks)]
         if len({len(g) for g in groups}) > 1:
             raise ValueError(f"The inputs fuse different numbers of projections at '{prefix}': check attn_matrices.")
