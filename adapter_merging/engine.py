@@ -169,7 +169,7 @@ def check_configs(names: Sequence[str], configs: Sequence[Any], strategy: Strate
             diffs = config_differences(part, own[j], ignored)
             if diffs:
                 field_name, mine, theirs = diffs[0]
-                others = f" (and {', '.join(d[0] for d in diffs[1:])})" if len(diffs) > 1 else ""
+                others = f" (and {', '.join(f'{d[0]}={d[1]!r} vs {d[2]!r}' for d in diffs[1:])})" if len(diffs) > 1 else ""
                 raise ValueError(method.difference(names[0], name, part, own[j], field_name, mine, theirs, others, strategy))
         families |= method.families_of(part)
     strategy.check_families(families)

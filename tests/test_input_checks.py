@@ -324,3 +324,22 @@ def test_breadcrumbs_refuses_a_band_wider_than_every_entry():
         model.average_adapter("m", ["a", "b"], combine_strategy="breadcrumbs", density=[0.5, 0.95], gamma=0.1)
     report = model.average_adapter("m", ["a", "b"], combine_strategy="breadcrumbs", density=0.7, gamma=0.3)
     assert math.isfinite(report.max_error)
+
+
+# ============================================================================ item 22: adapters-format LoRAs on different modules
+def test_adapters_format_loras_on_different_modules_are_refused_saying_what_differs_and_what_to_do(tmp_path):
+    """Documented difference (docs/files.md): adapters-format LoRAs merge only on the same modules, even with an
+    exact strategy; the refusal names every differing field with both values, and says what to do."""
+    model = tiny_adapter_model("bert")
+    model.add_adapter("a", config=LoRAConfig(r=2, attn_matrices=["q"]))
+    model.add_adapter("b", config=LoRAConfig(r=2, attn_matrices=["v"], leave_out=[0]))
+    for name in ("a", "b"):
+        randomize_adapter(model, name)
+        model.save_adapter(str(tmp_path / name), name, with_head=False)
+    with pytest.raises(ValueError) as error:
+        merge_saved_adapters([tmp_path / "a", tmp_path / "b"], tmp_path / "out", combine_strategy="lora_delta_w_concat")
+    message = str(error.value)
+    assert "'a' has attn_matrices=['q'] but 'b' has attn_matrices=['v'] (and leave_out=[] vs [0])" in message, message
+    assert "merged only when they sit on the same modules" in message and "PEFT folders merge over the union" in message
+    assert "Merge LoRAs trained on the same modules" in message
+    assert not (tmp_path / "out").exists()

@@ -248,7 +248,7 @@ def test_parameter_strategies_need_equal_r_and_alpha_and_say_so(bert_different, 
     with pytest.raises(ValueError) as info:
         merge(model, names, WEIGHTS, strategy)
     message = str(info.value)
-    assert "alpha=4" in message and "alpha=3" in message and "(and r)" in message, message
+    assert "alpha=4" in message and "alpha=3" in message and "(and r=" in message, message
     assert "shapes (r)" in message, message
     assert "lora_delta_w_svd" in message and "lora_delta_w_concat" in message, message
     assert "merged" not in model.adapters_config

@@ -77,7 +77,18 @@ def _ignored_fields(config, strategy) -> set:
     return {"r", "alpha"} if strategy.merges_delta_w else set()
 
 
+#: LoRAConfig fields that choose which modules of the model carry a LoRA
+MODULE_SELECTION = ("selfattn_lora", "intermediate_lora", "output_lora", "attn_matrices", "leave_out")
+
+
 def _hint(field: str, strategy) -> str:
+    if field in MODULE_SELECTION:
+        return (
+            f" {', '.join(MODULE_SELECTION)} choose which modules carry a LoRA: adapters-format LoRAs (and LoRAs in "
+            "a model) are merged only when they sit on the same modules, whatever the strategy, while PEFT folders "
+            "merge over the union of their modules (a missing module is a zero update). Merge LoRAs trained on the "
+            "same modules (the same values of these fields), or train them as PEFT LoRAs."
+        )
     if field not in ("r", "alpha"):
         return ""
     return (
