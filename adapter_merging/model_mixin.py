@@ -19,6 +19,7 @@ from .report import MergeReport
 from .rollback import rollback_on_error
 from .state import HEAD_CONTAINERS, Slot, adapter_tensors, model_tensors
 from .strategies import CombineStrategy, SignMethod
+from .strategy_names import Convention
 
 logger = logging.getLogger("adapter_merging")
 
@@ -42,6 +43,10 @@ def average_adapter(
     majority_sign_method: Optional[SignMethod] = None,
     gamma: Optional[float] = None,
     seed: Optional[int] = None,
+    convention: Optional[Convention] = None,
+    normalize: Optional[bool] = None,
+    scale: Optional[float] = None,
+    rescale: Optional[bool] = None,
     progress: Progress = None,
 ) -> MergeReport:
     """Add ``adapter_name`` to ``model`` as a weighted combination of the adapters in ``adapter_list``.
@@ -73,6 +78,15 @@ def average_adapter(
         (``ties``, ``dare_ties``).
     :param gamma: fraction of the largest magnitudes dropped (``breadcrumbs``; default 0.01).
     :param seed: seed of the random drop mask (``dare_*``; default 0). Same seed, same result.
+    :param convention: whose definitions the task-vector strategies follow: ``"adapter_merging"``
+        (default; see the guide) or ``"mergekit"`` (mergekit 0.1.5's kept counts, TIES divisor and DARE
+        masks, as its YAML means them; see the command-line page).
+    :param normalize: with ``convention="mergekit"`` only: mergekit's own ``normalize`` (TIES: each entry
+        divided by the Σ λᵢ of the tasks kept there; the others: by Σ λᵢ). Pass the weights with
+        ``normalize_weights=False`` then. Default False.
+    :param scale: multiplies the merged update (mergekit's ``lambda``; task-vector strategies; default 1).
+    :param rescale: multiply each sparsified ΔWᵢ by ‖ΔWᵢ‖₁ / ‖sparsified ΔWᵢ‖₁ (mergekit's ``rescale``;
+        task-vector strategies; default False).
     :param progress: a progress bar over modules on stderr: None (default) shows one if the merge
         takes longer than 2 s, True always, False never; or a callable ``progress(modules done,
         modules in all)``.
@@ -100,7 +114,8 @@ def average_adapter(
         AdapterInput(n, model.adapters_config.get(n), _input_tensors(adapter_tensors(named, n), n, "adapter"))
         for n in names
     ]
-    options = dict(svd_tol=svd_tol, density=density, majority_sign_method=majority_sign_method, gamma=gamma, seed=seed)
+    options = dict(svd_tol=svd_tol, density=density, majority_sign_method=majority_sign_method, gamma=gamma, seed=seed,
+                   convention=convention, normalize=normalize, scale=scale, rescale=rescale)
     callback, finished = progress_reporter(progress)
     try:
         result = merge(
@@ -290,6 +305,10 @@ class ModelMixin:
         majority_sign_method: Optional[SignMethod] = None,
         gamma: Optional[float] = None,
         seed: Optional[int] = None,
+        convention: Optional[Convention] = None,
+        normalize: Optional[bool] = None,
+        scale: Optional[float] = None,
+        rescale: Optional[bool] = None,
         progress: Progress = None,
     ) -> MergeReport:
         """Add ``adapter_name`` as a weighted combination of the adapters in ``adapter_list``:
@@ -297,7 +316,7 @@ class ModelMixin:
         return average_adapter(
             self, adapter_name, adapter_list, weights, combine_strategy, normalize_weights, overwrite_ok, set_active,
             svd_rank, svd_tol=svd_tol, density=density, majority_sign_method=majority_sign_method, gamma=gamma,
-            seed=seed, progress=progress,
+            seed=seed, convention=convention, normalize=normalize, scale=scale, rescale=rescale, progress=progress,
         )
 
 

@@ -24,6 +24,9 @@ CombineStrategy = Literal[
 #: TIES sign election (``majority_sign_method``)
 SignMethod = Literal["total", "frequency"]
 
+#: whose definitions the task-vector strategies follow (``convention``)
+Convention = Literal["adapter_merging", "mergekit"]
+
 #: the strategy names in the registry's order
 STRATEGY_NAMES: Tuple[str, ...] = get_args(CombineStrategy)
 #: the sign election methods
