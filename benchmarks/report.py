@@ -231,6 +231,16 @@ def refactorisation_section(result: Dict[str, Any]) -> List[str]:
     return lines + table(["shape", "strategy"] + [f"{m}: excess, time" for m in methods], rows) + [""]
 
 
+def import_section(result: Dict[str, Any]) -> List[str]:
+    setup = result["setup"]
+    lines = [f"Fresh interpreters, the cases taking turns: median (range) of {setup['repeats']} "
+             f"runs each, and which heavy modules each loaded. `adapter-merge --help` within "
+             f"{setup['target_help_s']} s: {met(result['help_target_met'])}.", ""]
+    rows = [[f"`{row['case']}`", f"{seconds(row['median_s'])} ({seconds(row['min_s'])}–{seconds(row['max_s'])})",
+             ", ".join(row["loaded"]) or "none"] for row in result["rows"]]
+    return lines + table(["case", "time", "torch / adapters / transformers loaded"], rows) + [""]
+
+
 SECTIONS: Dict[str, tuple] = {
     "task_vectors": ("Task-vector strategies on one layer", task_vectors_section, "task_vectors.png"),
     "lora_layer": ("LoRA delta-W SVD on one layer", lora_layer_section, "lora_layer.png"),
@@ -238,6 +248,7 @@ SECTIONS: Dict[str, tuple] = {
     "bottleneck": ("Bottleneck adapters, linear merge", bottleneck_section, None),
     "scaling": ("Scaling with the number of adapters and the rank", scaling_section, "scaling.png"),
     "refactorisation": ("Re-factorisation accuracy", refactorisation_section, "refactorisation.png"),
+    "import": ("Start-up: import and --help", import_section, None),
 }
 
 

@@ -132,6 +132,22 @@ def test_strategy_names_without_torch_equal_the_registry():
     assert all(strategy_action.type(name) == name for name in STRATEGIES)
 
 
+def test_import_benchmark_section_checks_what_each_case_loads():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import import_time, report, run
+
+    assert run.SECTIONS["import"] == ("import_time", "run", None)
+    assert import_time.loaded(import_time.CASES["adapter-merge --help"]) == []
+    assert import_time.loaded(import_time.CASES["import adapter_merging"]) == []
+    result = {"setup": {"repeats": 5, "target_help_s": 0.5}, "help_target_met": True, "rows": [
+        {"case": "adapter-merge --help", "median_s": 0.21, "min_s": 0.2, "max_s": 0.3, "loaded": []},
+        {"case": "import torch", "median_s": 2.5, "min_s": 2.4, "max_s": 3.1, "loaded": ["torch"]}]}
+    lines = report.import_section(result)
+    assert "`adapter-merge --help` within 0.5 s: met." in lines[0]
+    assert "| `adapter-merge --help` | 210 ms (200 ms–300 ms) | none |" in lines
+    assert "| `import torch` | 2.50 s (2.40 s–3.10 s) | torch |" in lines
+
+
 # --- item 17: usage errors, bad input and the shell's words ---------------------------------------------
 
 @pytest.mark.parametrize("args, message", [
