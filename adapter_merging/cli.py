@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import difflib
 import math
+import os
 import re
 import shutil
-import os
 import sys
 import time
 import warnings
@@ -25,8 +25,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from . import __version__
 from .strategy_names import SIGN_METHOD_NAMES, STRATEGY_NAMES
 
-#: the strategy names (the registry, `adapter_merging.strategies`, imports torch: ``--help`` must not)
-STRATEGIES = STRATEGY_NAMES
 #: names the command line accepts for ``--strategy`` besides ours
 ALIASES = ("task_arithmetic",)
 #: PEFT's ``combination_type`` names → ours, for "did you mean" (PEFT's ``*_svd`` are our task-vector
@@ -211,7 +209,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         plan = plan_from_arguments(args)
     except UsageError as error:
         parser.error(str(error))
-    except ValueError as error:  # a YAML's content (ConfigError): bad input, not bad usage
+    except ConfigError as error:  # a YAML's content: bad input, not bad usage
         return _fail(error)
     try:
         check_device(args.device)
