@@ -73,7 +73,7 @@ def test_merge_with_weights_summary_and_report(work):
     assert "rank       5" in result.stderr and "error      max " in result.stderr
     report = json.loads((work / "report.json").read_text(encoding="utf-8"))["report"]  # merge_report.json's copy
     assert report["weights"] == {"a": 1.0, "b": -1.0} and report["max_error"] < 1e-6  # float32 storage
-    assert {p.name for p in (work / "out").iterdir()} == {"adapter_config.json", "pytorch_adapter.bin", "merge_report.json"}
+    assert {p.name for p in (work / "out").iterdir()} == {"adapter_config.json", "pytorch_adapter.bin", "merge_report.json", "README.md"}
     quiet = run("a", "b", "-s", "lora_delta_w_svd", "-o", "out2", "-q", cwd=work)
     assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout == ""
 
