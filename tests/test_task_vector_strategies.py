@@ -26,7 +26,7 @@ import torch
 from adapters import DoRAConfig, IA3Config, LoRAConfig, VeraConfig
 from adapters.methods.lora import LoRAMergedLinear
 
-from adapter_merging import rules as lora_method  # where the re-factorisation runs
+from adapter_merging.rules import task_vectors as lora_method  # where the re-factorisation runs
 from adapter_merging.ops.dense_svd import dense_low_rank
 
 from conftest import randomize_adapter, tiny_adapter_model
