@@ -14,7 +14,7 @@ The method modules (``methods/lora.py``) apply a rule to their tensors; they nev
 strategy's name. Rules are pure math over tensors (``ops``); they know no model or file format.
 """
 from .base import CANCELLING, DeltaWRule, Factors, ModuleMerge, ParameterRule, Rule, own_rank
-from .exact import Concat, ExactSVD
+from .exact import Concat, ExactSVD, store_factored
 from .task_vectors import (
     DROP_AND_RESCALE,
     FORMULA_ABOVE,
@@ -33,7 +33,7 @@ from .task_vectors import (
 
 __all__ = [
     "Rule", "ParameterRule", "DeltaWRule", "ModuleMerge", "Factors", "CANCELLING", "own_rank",
-    "ExactSVD", "Concat",
+    "ExactSVD", "Concat", "store_factored",
     "TaskVectors", "Sparsifier", "Consensus", "KEEP_ALL", "KEEP_LARGEST", "KEEP_BAND", "DROP_AND_RESCALE", "SUM",
     "SIGN_ELECTION", "REFACTOR_TOLERANCE", "REFACTOR_POWER_ITERATIONS", "FORMULA_ABOVE", "measure_refactorisation",
 ]
