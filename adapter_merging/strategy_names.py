@@ -27,7 +27,13 @@ SignMethod = Literal["total", "frequency"]
 #: whose definitions the task-vector strategies follow (``convention``)
 Convention = Literal["adapter_merging", "mergekit"]
 
+#: where a task-vector rule runs (``space``): the full d × k updates, the Core Space of the stacked
+#: factors (Panariello et al. 2025), or KnOTS' aligned space (Stoica et al. 2025)
+Space = Literal["full", "core", "knots"]
+
 #: the strategy names in the registry's order
 STRATEGY_NAMES: Tuple[str, ...] = get_args(CombineStrategy)
 #: the sign election methods
 SIGN_METHOD_NAMES: Tuple[str, ...] = get_args(SignMethod)
+#: the merge spaces
+SPACE_NAMES: Tuple[str, ...] = get_args(Space)
