@@ -19,7 +19,7 @@ from .report import MergeReport
 from .rollback import rollback_on_error
 from .state import HEAD_CONTAINERS, Slot, adapter_tensors, model_tensors
 from .strategies import CombineStrategy, SignMethod
-from .strategy_names import Convention
+from .strategy_names import Convention, Space
 
 logger = logging.getLogger("adapter_merging")
 
@@ -47,6 +47,10 @@ def average_adapter(
     normalize: Optional[bool] = None,
     scale: Optional[float] = None,
     rescale: Optional[bool] = None,
+    space: Optional[Space] = None,
+    eta: Optional[float] = None,
+    common_fraction: Optional[float] = None,
+    epsilon: Optional[float] = None,
     progress: Progress = None,
 ) -> MergeReport:
     """Add ``adapter_name`` to ``model`` as a weighted combination of the adapters in ``adapter_list``.
@@ -63,7 +67,8 @@ def average_adapter(
     :param combine_strategy: how to merge; one of `adapter_merging.STRATEGIES` (see the guide):
         ``"linear"``, ``"lora_linear_only_negate_b"``, ``"lora_delta_w_svd"``,
         ``"lora_delta_w_concat"``, ``"ties"``, ``"dare_linear"``, ``"dare_ties"``,
-        ``"magnitude_prune"``, ``"breadcrumbs"``.
+        ``"magnitude_prune"``, ``"breadcrumbs"``, ``"breadcrumbs_ties"``, ``"della"``, ``"della_linear"``,
+        ``"tsv"``, ``"iso_c"``, ``"iso_cts"``, ``"star"``.
     :param normalize_weights: divide the weights by their sum (which must be > 0). Pass False for
         task arithmetic and unlearning with negative weights.
     :param overwrite_ok: replace an existing adapter named ``adapter_name``.
@@ -87,6 +92,17 @@ def average_adapter(
     :param scale: multiplies the merged update (mergekit's ``lambda``; task-vector strategies; default 1).
     :param rescale: multiply each sparsified ΔWᵢ by ‖ΔWᵢ‖₁ / ‖sparsified ΔWᵢ‖₁ (mergekit's ``rescale``;
         task-vector strategies; default False).
+    :param space: where a task-vector rule (``ties``, ``dare_*``, ``magnitude_prune``, ``breadcrumbs*``,
+        ``della*``) runs: ``"full"`` (default: on the dense updates ΔWᵢ, then re-factorised), ``"core"`` (on
+        small core matrices in the Core Space of the stacked factors, Panariello et al. 2025: stored exactly at
+        rank ≤ Σ rᵢ, never a dense d × k matrix) or ``"knots"`` (on the task parts of the SVD of the
+        concatenated updates, KnOTS, Stoica et al. 2025).
+    :param eta: ``star``: keep the leading singular values of each ΔWᵢ that hold ``eta`` percent of its
+        nuclear norm, rescaled to keep the nuclear norm (the authors' default 40).
+    :param common_fraction: ``iso_cts``: the fraction of the merged rank given to the common subspace (the
+        rest to the task-specific ones; default 0.8).
+    :param epsilon: ``della``, ``della_linear``: the spread of MAGPRUNE's keep probabilities around
+        ``density`` (mergekit's ``epsilon``).
     :param progress: a progress bar over modules on stderr: None (default) shows one if the merge
         takes longer than 2 s, True always, False never; or a callable ``progress(modules done,
         modules in all)``.
@@ -115,7 +131,8 @@ def average_adapter(
         for n in names
     ]
     options = dict(svd_tol=svd_tol, density=density, majority_sign_method=majority_sign_method, gamma=gamma, seed=seed,
-                   convention=convention, normalize=normalize, scale=scale, rescale=rescale)
+                   convention=convention, normalize=normalize, scale=scale, rescale=rescale, space=space, eta=eta,
+                   common_fraction=common_fraction, epsilon=epsilon)
     callback, finished = progress_reporter(progress)
     try:
         result = merge(
@@ -309,6 +326,10 @@ class ModelMixin:
         normalize: Optional[bool] = None,
         scale: Optional[float] = None,
         rescale: Optional[bool] = None,
+        space: Optional[Space] = None,
+        eta: Optional[float] = None,
+        common_fraction: Optional[float] = None,
+        epsilon: Optional[float] = None,
         progress: Progress = None,
     ) -> MergeReport:
         """Add ``adapter_name`` as a weighted combination of the adapters in ``adapter_list``:
@@ -316,7 +337,8 @@ class ModelMixin:
         return average_adapter(
             self, adapter_name, adapter_list, weights, combine_strategy, normalize_weights, overwrite_ok, set_active,
             svd_rank, svd_tol=svd_tol, density=density, majority_sign_method=majority_sign_method, gamma=gamma,
-            seed=seed, convention=convention, normalize=normalize, scale=scale, rescale=rescale, progress=progress,
+            seed=seed, convention=convention, normalize=normalize, scale=scale, rescale=rescale, space=space, eta=eta,
+            common_fraction=common_fraction, epsilon=epsilon, progress=progress,
         )
 
 
