@@ -22,6 +22,7 @@ from ..engine import merge
 from ..ops.weights import check_flag
 from ..report import MergeReport
 from ..strategies import CombineStrategy, SignMethod
+from ..strategy_names import Space
 from .formats import SavedAdapter, read_adapter, write_adapters_format, write_peft_format
 from .io import (
     InputError, atomic_folder, check_distinct, check_output, hub_commit, placed, remove_stale, resolve_folder, sha256,
@@ -51,6 +52,10 @@ def merge_saved_adapters(
     majority_sign_method: Optional[SignMethod] = None,
     gamma: Optional[float] = None,
     seed: Optional[int] = None,
+    space: Optional[Space] = None,
+    eta: Optional[float] = None,
+    common_fraction: Optional[float] = None,
+    epsilon: Optional[float] = None,
     device: Optional[str] = None,
     dtype: Optional[Union[str, "torch.dtype"]] = None,
     progress: Progress = None,
@@ -86,6 +91,10 @@ def merge_saved_adapters(
     :param majority_sign_method: see `adapter_merging.average_adapter`.
     :param gamma: see `adapter_merging.average_adapter`.
     :param seed: see `adapter_merging.average_adapter`.
+    :param space: see `adapter_merging.average_adapter` (``"full"``, ``"core"`` or ``"knots"``).
+    :param eta: see `adapter_merging.average_adapter` (``star``).
+    :param common_fraction: see `adapter_merging.average_adapter` (``iso_cts``).
+    :param epsilon: see `adapter_merging.average_adapter` (``della``, ``della_linear``).
     :param device: where to compute (e.g. ``"cuda"``); the output is written from the CPU.
     :param dtype: the dtype of the merged adapter (``"float32"``, ``"float16"``, ``"bfloat16"``,
         ``"float64"`` or a torch dtype). The merge is computed from the inputs as stored and its report
@@ -148,7 +157,8 @@ def merge_saved_adapters(
         combine_strategy = exact_sum_strategy(saved[0].adapter.config)
     elif combine_strategy == "linear" and linear_lora == "exact":
         combine_strategy, strategy_notes = _exact_linear(saved[0].adapter.config)
-    options = dict(svd_tol=svd_tol, density=density, majority_sign_method=majority_sign_method, gamma=gamma, seed=seed)
+    options = dict(svd_tol=svd_tol, density=density, majority_sign_method=majority_sign_method, gamma=gamma, seed=seed,
+                   space=space, eta=eta, common_fraction=common_fraction, epsilon=epsilon)
     options = {k: v for k, v in options.items() if v is not None}
     options.update(strategy_options)
     started = time.perf_counter()
