@@ -12,7 +12,9 @@ updates ΔWᵢ = sᵢBᵢAᵢ by the same engine as ``average_adapter`` and ``me
 * ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune`` (and their ``*_svd`` names) are the
   task-vector strategies on the ΔWᵢ, re-factorised (rank Σ rᵢ by default, with a warning when that
   loses more than 10 %);
-* adapter_merging's own strategy names work too.
+* adapter_merging's own strategy names work too, those PEFT has no name for included (``tsv``,
+  ``iso_c``, ``iso_cts``, ``star``, ``della``, ``della_linear``, ``breadcrumbs``, ``breadcrumbs_ties``),
+  with their options as keywords (``space``, ``eta``, ``common_fraction``, ``epsilon``, …).
 
 LoRA on Linear, Conv1D (``fan_in_fan_out``), Embedding and Conv1d/Conv2d/Conv3d layers and on raw
 parameters (``target_parameters``, each expert of a mixture-of-experts weight its own LoRA), with
@@ -52,6 +54,7 @@ from .report import MergeReport
 from .rollback import rollback_on_error
 from .state import Slot
 from .strategies import STRATEGIES, get_strategy
+from .strategy_names import CombineStrategy, Space
 
 __all__ = ["add_weighted_adapter", "COMBINATION_TYPES"]
 
@@ -80,7 +83,7 @@ def add_weighted_adapter(
     adapters: Sequence[str],
     weights: Sequence[float],
     adapter_name: str,
-    combination_type: Optional[Union[PeftCombination, str]] = None,
+    combination_type: Optional[Union[PeftCombination, CombineStrategy, str]] = None,
     svd_rank: Optional[int] = None,
     svd_clamp: Optional[float] = None,
     svd_full_matrices: bool = True,
@@ -91,6 +94,10 @@ def add_weighted_adapter(
     svd_tol: Optional[float] = None,
     gamma: Optional[float] = None,
     seed: Optional[int] = None,
+    space: Optional[Space] = None,
+    eta: Optional[float] = None,
+    common_fraction: Optional[float] = None,
+    epsilon: Optional[float] = None,
     progress: Progress = None,
 ) -> MergeReport:
     """Add ``adapter_name`` to the PEFT model as the weighted combination of ``adapters``, exactly.
@@ -104,7 +111,9 @@ def add_weighted_adapter(
         ``"svd"`` for LoRA (``LoraModel.add_weighted_adapter``) and ``"linear"`` for IA³
         (``IA3Model.add_weighted_adapter`` has no ``combination_type``). Or PEFT's names (``svd``,
         ``linear``, ``cat``, ``ties``, ``ties_svd``, ``dare_linear``, ``dare_linear_svd``, ``dare_ties``,
-        ``dare_ties_svd``, ``magnitude_prune``, ``magnitude_prune_svd``; see `COMBINATION_TYPES`) or any of adapter_merging's strategies.
+        ``dare_ties_svd``, ``magnitude_prune``, ``magnitude_prune_svd``; see `COMBINATION_TYPES`) or any of adapter_merging's
+        strategies, among them those PEFT has no name for (``tsv``, ``iso_c``, ``iso_cts``, ``star``, ``della``,
+        ``della_linear``, ``breadcrumbs``, ``breadcrumbs_ties``; and ``space="core"``/``"knots"`` on the task-vector types).
         IA³ adapters merge by ``linear`` (their deviation from identity).
     :param svd_rank: the merged LoRA's rank; None: the exact rank (``svd``, ``linear``) or Σ rᵢ
         (the task-vector types); capped at the rank the merged update has.
@@ -117,7 +126,12 @@ def add_weighted_adapter(
     :param majority_sign_method: TIES sign election (``ties``, ``dare_ties``): ``"total"`` or ``"frequency"``.
     :param svd_tol: the smallest rank whose relative error is at most this, in every module.
     :param gamma: breadcrumbs' dropped top fraction (with ``combination_type="breadcrumbs"``).
-    :param seed: seed of DARE's random masks (default 0).
+    :param seed: seed of DARE's (and DELLA's) random masks (default 0).
+    :param space: where a task-vector type merges: ``"full"`` (default: the dense updates), ``"core"`` (Core
+        Space of the stacked factors) or ``"knots"`` (KnOTS' aligned space); see `adapter_merging.average_adapter`.
+    :param eta: ``combination_type="star"``: the percentage of each update's nuclear norm kept (default 40).
+    :param common_fraction: ``combination_type="iso_cts"``: the common subspace's fraction of the rank (default 0.8).
+    :param epsilon: ``combination_type="della"`` or ``"della_linear"``: MAGPRUNE's spread of keep probabilities.
     :param progress: a progress bar over modules on stderr: None (default) shows one if the merge
         takes longer than 2 s, True always, False never; or a callable ``progress(modules done,
         modules in all)``.
@@ -150,7 +164,8 @@ def add_weighted_adapter(
         warn(f"svd_clamp={svd_clamp!r} is ignored: the factored SVD is exact, and clamping its factors would only add error.")
     if svd_driver is not None:
         warn(f"svd_driver={svd_driver!r} is ignored: no dense SVD is computed (the SVD is taken from the factors).")
-    options: Dict[str, Any] = dict(svd_tol=svd_tol, density=density, gamma=gamma, seed=seed)
+    options: Dict[str, Any] = dict(svd_tol=svd_tol, density=density, gamma=gamma, seed=seed, space=space, eta=eta,
+                                   common_fraction=common_fraction, epsilon=epsilon)
     if "majority_sign_method" in get_strategy(strategy).option_names or majority_sign_method != "total":
         options["majority_sign_method"] = majority_sign_method
     inputs, layouts = zip(*(_read(root, n, c, peft_type) for n, c in zip(names, configs)))
