@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from . import __version__
-from .strategy_names import SIGN_METHOD_NAMES, STRATEGY_NAMES
+from .strategy_names import SIGN_METHOD_NAMES, SPACE_NAMES, STRATEGY_NAMES
 
 #: names the command line accepts for ``--strategy`` besides ours
 ALIASES = ("task_arithmetic",)
@@ -44,6 +44,8 @@ EXAMPLES = """examples:
   adapter-merge math/ code/ --output math_and_code/
   adapter-merge skills/:1 toxic/:-1 --no-normalize --strategy lora_delta_w_concat --output detoxified/
   adapter-merge a/ b/ c/ --strategy ties --density 0.3 --svd-tol 0.05 --output merged/ --report report.json
+  adapter-merge a/ b/ c/ --strategy ties --space core --density 0.3 --output merged/
+  adapter-merge a/ b/ c/ --strategy iso_cts --common-fraction 0.8 --output merged/
   adapter-merge org/lora-a@main:0.7 org/lora-b:0.3 --strategy lora_delta_w_svd --svd-rank 16 --output out/
   adapter-merge recipe.yaml merged/     (a mergekit-shaped YAML: models, merge_method, parameters)
 
@@ -101,7 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--density", type=float, help="fraction of entries kept (task-vector strategies)")
     parser.add_argument("--majority-sign-method", choices=SIGN_METHOD_NAMES, help="TIES sign election")
     parser.add_argument("--gamma", type=float, help="fraction of the largest magnitudes dropped (breadcrumbs)")
-    parser.add_argument("--seed", type=int, help="seed of DARE's random masks")
+    parser.add_argument("--seed", type=int, help="seed of DARE's (and DELLA's) random masks")
+    parser.add_argument("--space", metavar="{" + ",".join(SPACE_NAMES) + "}",
+                        help="where a task-vector strategy merges: full (the dense updates, default), core (Core "
+                             "Space of the stacked factors: exact storage, no dense matrix) or knots (KnOTS' "
+                             "aligned space)")
+    parser.add_argument("--eta", type=float, help="star: the percentage of each update's nuclear norm kept (default 40)")
+    parser.add_argument("--common-fraction", type=float,
+                        help="iso_cts: the common subspace's fraction of the merged rank (default 0.8)")
+    parser.add_argument("--epsilon", type=float, help="della, della_linear: the spread of the keep probabilities "
+                                                      "around --density (mergekit's epsilon)")
     parser.add_argument("--no-normalize", action="store_true",
                         help="use the weights as given (task arithmetic, unlearning); default: divide by their sum")
     parser.add_argument("--name", help="the adapter's name inside the output (default: the output folder's name)")
@@ -169,7 +180,8 @@ def plan_from_arguments(args: argparse.Namespace) -> Dict[str, Any]:
         }
     if args.strategy:
         plan["strategy"] = args.strategy
-    for option in ("svd_rank", "svd_tol", "density", "majority_sign_method", "gamma", "seed"):
+    for option in ("svd_rank", "svd_tol", "density", "majority_sign_method", "gamma", "seed", "space", "eta",
+                   "common_fraction", "epsilon"):
         value = getattr(args, option)
         if value is not None:
             plan["options"][option] = value
@@ -300,6 +312,10 @@ FLAGS = {
     "majority_sign_method": "--majority-sign-method",
     "gamma": "--gamma",
     "seed": "--seed",
+    "space": "--space",
+    "eta": "--eta",
+    "common_fraction": "--common-fraction",
+    "epsilon": "--epsilon",
     "dtype": "--dtype",
     "device": "--device",
     "name": "--name",
