@@ -10,6 +10,11 @@ the merge is of their updates ΔWᵢ, which is what mergekit's methods compute o
 * ``ties``, ``dare_ties``, ``dare_linear``, ``breadcrumbs``, ``breadcrumbs_ties`` — our strategies of
   those names with ``convention="mergekit"``: mergekit's kept counts, its TIES divisor, its DARE mask,
   its ``normalize``/``rescale`` defaults per method and ``lambda`` (our option ``scale``).
+* this library's own strategy names that mergekit does not have (``tsv``, ``iso_c``, ``iso_cts``, ``star``,
+  ``magnitude_prune``, ``lora_delta_w_svd``, …) — ours, as ``average_adapter`` means them: ``weight`` per
+  model, ``normalize`` (our ``normalize_weights``, default true), and our option names as parameters
+  (``space``, ``eta``, ``common_fraction``, ``svd_rank``, …; ``density``/``gamma`` also per model), checked by
+  the strategy.
 
 Nothing here imports torch. Errors are `ConfigError`: one line naming the file, the key and the fix.
 """
@@ -43,8 +48,18 @@ UNSUPPORTED_KEYS = {
 }
 #: our own keys beside mergekit's
 OWN_KEYS = ("output", "name")
-#: our own global parameters (this library's strategy options)
-OWN_PARAMETERS = ("svd_rank", "svd_tol", "seed", "majority_sign_method")
+#: our own global parameters (this library's strategy options) beside mergekit's in its methods
+OWN_PARAMETERS = ("svd_rank", "svd_tol", "seed", "majority_sign_method", "space")
+#: the parameters of a merge_method that is our own strategy name (besides every option of the strategy)
+OWN_METHOD_PARAMETERS = ("weight", "normalize", "density", "gamma")
+
+
+def own_method(method: Any) -> bool:
+    """Whether ``method`` is one of this library's strategy names that mergekit does not have (read as ours)."""
+    from .strategy_names import STRATEGY_NAMES
+
+    return isinstance(method, str) and method in STRATEGY_NAMES and method not in DEFAULTS \
+        and method not in UNSUPPORTED_METHODS
 BOOLEANS = ("normalize", "rescale", "int8_mask")
 NUMBERS = ("weight", "density", "gamma", "lambda")
 
@@ -57,6 +72,8 @@ def method_parameters(method: str) -> Tuple[str, ...]:
     """The parameters mergekit 0.1.5 gives ``method`` (global or per model)."""
     if method == "linear":
         return ("weight", "normalize")
+    if own_method(method):
+        return OWN_METHOD_PARAMETERS
     gamma = ("gamma",) if method.startswith("breadcrumbs") else ()
     return ("weight", "density", "normalize", "rescale", "lambda", "int8_mask") + gamma
 
@@ -71,9 +88,11 @@ def plan_from_config(data: Any, source: str) -> Dict[str, Any]:
     if not isinstance(models, list) or not models:
         raise ConfigError(f"{source}: needs a `models:` list (each with `model:` and `parameters: {{weight: …}}`).")
     method = data.get("merge_method", "linear")
-    if not isinstance(method, str) or method not in DEFAULTS:
+    ours = own_method(method)
+    if not ours and (not isinstance(method, str) or method not in DEFAULTS):
         known = "" if not isinstance(method, str) or method not in UNSUPPORTED_METHODS else " (a mergekit method this library does not compute)"
-        raise ConfigError(f"{source}: merge_method {method!r} is not supported{known}; use one of {sorted(DEFAULTS)}.")
+        raise ConfigError(f"{source}: merge_method {method!r} is not supported{known}; use one of {sorted(DEFAULTS)} "
+                          f"(mergekit's) or one of this library's strategies {_own_methods()}.")
     notes: List[str] = []
     unsupported: List[str] = []  # every key we refuse, said at once
     ignored: List[str] = []
@@ -87,7 +106,8 @@ def plan_from_config(data: Any, source: str) -> Dict[str, Any]:
             unsupported.append(f"`{key}` (unknown key)")
     allowed = method_parameters(method)
     shared = _mapping(data.get("parameters"), "parameters", source)
-    own = {k: shared.pop(k) for k in OWN_PARAMETERS if k in shared}
+    own = {k: shared.pop(k) for k in (list(shared) if ours else OWN_PARAMETERS) if k in shared and k not in
+           (OWN_METHOD_PARAMETERS if ours else ())}  # our method: every other key is an option of the strategy
     globals_ = _values(shared, "parameters", allowed, method, source, unsupported)
     base_model = data.get("base_model")
     if base_model is not None and not isinstance(base_model, str):
@@ -126,11 +146,12 @@ def plan_from_config(data: Any, source: str) -> Dict[str, Any]:
     if missing:
         raise ConfigError(f"{source}: {', '.join(missing)} have no `weight` (mergekit requires one): give "
                           "`parameters: {weight: …}` to every model, or a global `parameters: {weight: …}`.")
-    normalize_default, rescale_default = DEFAULTS[method]
+    normalize_default, rescale_default = DEFAULTS[method] if not ours else (True, False)
     normalize = globals_.get("normalize")
     if normalize is None:
         normalize = normalize_default
-        notes.append(f"normalize: {str(normalize).lower()} (mergekit's default for {method}; the YAML does not say).")
+        whose = "this library's default: weights divided by their sum" if ours else f"mergekit's default for {method}"
+        notes.append(f"normalize: {str(normalize).lower()} ({whose}; the YAML does not say).")
     else:
         notes.append(f"normalize: {str(normalize).lower()} (as the YAML says).")
     if globals_.get("int8_mask") is not None:
@@ -143,6 +164,17 @@ def plan_from_config(data: Any, source: str) -> Dict[str, Any]:
         "base_model": base_model, "linear_lora": "exact",
         "recipe_extra": {"merge_method": method, "ignored_keys": ignored, "config_file": source},
     }
+    if ours:  # this library's strategy: our weights, normalize_weights and options
+        options = dict(own)
+        for key in ("density", "gamma"):
+            values = [setting(key, i) for i in range(len(inputs))]
+            if any(v is not None for v in values):
+                if any(v is None for v in values):
+                    raise ConfigError(f"{source}: {key} is given for some models only: give it to every model, or "
+                                      f"once in the global `parameters`.")
+                options[key] = values[0] if len(set(values)) == 1 else values
+        plan.update(weights=weights, strategy=method, normalize=bool(normalize), options=options)
+        return plan
     if method == "linear":
         total = math.fsum(weights) + (base_weight or 0.0)
         if normalize:
@@ -179,6 +211,12 @@ def plan_from_config(data: Any, source: str) -> Dict[str, Any]:
         return plan
     plan["options"].update(own)
     return plan
+
+
+def _own_methods() -> List[str]:
+    from .strategy_names import STRATEGY_NAMES
+
+    return [name for name in STRATEGY_NAMES if own_method(name)]
 
 
 def _mapping(value: Any, key: str, source: str) -> Dict[str, Any]:
