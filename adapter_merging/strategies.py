@@ -28,6 +28,8 @@ from .rules import (
     TaskVectors,
 )
 
+from .rules.star import DEFAULT_ETA, SpectralTruncation
+from .rules.tsv import TaskSingularVectors
 from .strategy_names import CombineStrategy, SignMethod  # the names live without torch, for the CLI
 
 #: Families of adapters, as named in errors and docs.
@@ -242,6 +244,23 @@ RESCALE = Option(
 )
 _CONVENTIONS = (CONVENTION, NORMALIZE, SCALE, RESCALE)
 
+
+def _eta(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a number in (0, 100] (a percentage of each update's nuclear norm), got {value!r}.")
+    if not 0 < value <= 100:  # NaN fails this too
+        raise ValueError(
+            f"{name} must lie in (0, 100]: the percentage of each update's nuclear norm that the kept singular "
+            f"values reach (100 keeps every one), got {value}."
+        )
+    return float(value)
+
+
+ETA = Option(
+    "eta", DEFAULT_ETA, _eta,
+    "star: per cent of each ΔWᵢ's nuclear norm the kept leading singular values reach (the authors' default 40)",
+)
+
 # ---------------------------------------------------------------------------- registry
 STRATEGIES: Dict[str, Strategy] = {}
 
@@ -323,4 +342,16 @@ register_strategy(Strategy(
     "Breadcrumbs' band of each ΔWᵢ (drop the top `gamma`, keep the next `density`), then TIES sign election "
     "and disjoint mean.",
     TaskVectors(KEEP_BAND, SIGN_ELECTION), options=(DENSITY, GAMMA, SIGN_METHOD) + _CONVENTIONS + _REFACTOR,
+))
+register_strategy(Strategy(
+    "tsv", LORA,
+    "TSV-M (Gargiulo et al. 2025): each ΔWᵢ's exact SVD at its own rank, singular values scaled by λᵢ; the "
+    "concatenated singular vectors decorrelated (orthogonal Procrustes), U⊥·diag(λᵢSᵢ)·V⊥ᵀ stored exactly.",
+    TaskSingularVectors(), options=_REFACTOR,
+))
+register_strategy(Strategy(
+    "star", LORA,
+    "STAR (Lee et al. 2025): each ΔWᵢ truncated to the leading singular values that reach `eta` % of its "
+    "nuclear norm, rescaled to keep it; Σ λᵢ·STAR(ΔWᵢ) stored exactly.",
+    SpectralTruncation(), options=(ETA,) + _REFACTOR,
 ))

@@ -20,6 +20,8 @@ CombineStrategy = Literal[
     "magnitude_prune",
     "breadcrumbs",
     "breadcrumbs_ties",
+    "tsv",
+    "star",
 ]
 #: TIES sign election (``majority_sign_method``)
 SignMethod = Literal["total", "frequency"]
