@@ -39,7 +39,8 @@ PEFT_NAMES = {
 }
 
 #: mergekit's merge_method names the YAML accepts (mergekit 0.1.5's definitions: `adapter_merging.mergekit`)
-MERGEKIT_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties")
+MERGEKIT_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
+                    "della", "della_linear")
 EXAMPLES = """examples:
   adapter-merge math/ code/ --output math_and_code/
   adapter-merge skills/:1 toxic/:-1 --no-normalize --strategy lora_delta_w_concat --output detoxified/

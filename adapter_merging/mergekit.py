@@ -7,9 +7,10 @@ the merge is of their updates ΔWᵢ, which is what mergekit's methods compute o
   ΔWᵢ, never of A and B separately). Without ``normalize`` mergekit also scales the base model by Σ wᵢ,
   which no adapter can hold: refused unless Σ wᵢ = 1.
 * ``task_arithmetic`` — λ·Σ wᵢ ΔWᵢ (divided by Σ wᵢ with ``normalize``, default false), exact.
-* ``ties``, ``dare_ties``, ``dare_linear``, ``breadcrumbs``, ``breadcrumbs_ties`` — our strategies of
-  those names with ``convention="mergekit"``: mergekit's kept counts, its TIES divisor, its DARE mask,
-  its ``normalize``/``rescale`` defaults per method and ``lambda`` (our option ``scale``).
+* ``ties``, ``dare_ties``, ``dare_linear``, ``breadcrumbs``, ``breadcrumbs_ties``, ``della``,
+  ``della_linear`` — our strategies of those names with ``convention="mergekit"``: mergekit's kept
+  counts, its TIES divisor, its DARE and MAGPRUNE masks (without 1/p), its ``normalize``/``rescale``
+  defaults per method, ``epsilon`` and ``lambda`` (our option ``scale``).
 * this library's own strategy names that mergekit does not have (``tsv``, ``iso_c``, ``iso_cts``, ``star``,
   ``magnitude_prune``, ``lora_delta_w_svd``, …) — ours, as ``average_adapter`` means them: ``weight`` per
   model, ``normalize`` (our ``normalize_weights``, default true), and our option names as parameters
@@ -33,11 +34,13 @@ DEFAULTS: Dict[str, Tuple[bool, bool]] = {
     "dare_linear": (False, True),
     "breadcrumbs": (False, False),
     "breadcrumbs_ties": (False, False),
+    "della": (True, True),
+    "della_linear": (False, True),
 }
 #: the generalized task arithmetic methods that sparsify (our strategy of the same name, convention "mergekit")
-SPARSIFYING = ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties")
+SPARSIFYING = ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
 #: mergekit methods we know but do not compute
-UNSUPPORTED_METHODS = ("della", "della_linear", "slerp", "nuslerp", "multislerp", "karcher", "model_stock",
+UNSUPPORTED_METHODS = ("slerp", "nuslerp", "multislerp", "karcher", "model_stock",
                        "sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl", "passthrough")
 #: keys of a mergekit configuration that concern the tokenizer: an adapter has none (ignored with a note)
 TOKENIZER_KEYS = ("tokenizer_source", "tokenizer", "chat_template")
@@ -61,7 +64,9 @@ def own_method(method: Any) -> bool:
     return isinstance(method, str) and method in STRATEGY_NAMES and method not in DEFAULTS \
         and method not in UNSUPPORTED_METHODS
 BOOLEANS = ("normalize", "rescale", "int8_mask")
-NUMBERS = ("weight", "density", "gamma", "lambda")
+NUMBERS = ("weight", "density", "gamma", "epsilon", "lambda")
+#: mergekit 0.1.5's default epsilon of della and della_linear (per model)
+EPSILON_DEFAULT = 0.15
 
 
 class ConfigError(ValueError):
@@ -75,7 +80,8 @@ def method_parameters(method: str) -> Tuple[str, ...]:
     if own_method(method):
         return OWN_METHOD_PARAMETERS
     gamma = ("gamma",) if method.startswith("breadcrumbs") else ()
-    return ("weight", "density", "normalize", "rescale", "lambda", "int8_mask") + gamma
+    epsilon = ("epsilon",) if method.startswith("della") else ()
+    return ("weight", "density", "normalize", "rescale", "lambda", "int8_mask") + gamma + epsilon
 
 
 def plan_from_config(data: Any, source: str) -> Dict[str, Any]:
@@ -203,8 +209,18 @@ def plan_from_config(data: Any, source: str) -> Dict[str, Any]:
         if method.startswith("breadcrumbs"):
             gammas = [float(setting("gamma", i, 0.01)) for i in range(len(inputs))]
             options["gamma"] = gammas[0] if len(set(gammas)) == 1 else gammas
-        if method.startswith("dare"):
-            notes.append("DARE's random masks follow mergekit's definition but not its random numbers (seed "
+        if method.startswith("della"):
+            epsilons = [float(setting("epsilon", i, EPSILON_DEFAULT)) for i in range(len(inputs))]
+            for i, (density, epsilon) in enumerate(zip(options["density"], epsilons)):
+                # mergekit 0.1.5 refuses a window touching 0 or 1 (della_magprune), density 1 keeps everything
+                if density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
+                    raise ConfigError(f"{source}: models[{i}] has density {density:g} and epsilon {epsilon:g}: "
+                                      f"mergekit needs density ± epsilon inside (0, 1), got [{density - epsilon:g}, "
+                                      f"{density + epsilon:g}]; choose a smaller epsilon.")
+            options["epsilon"] = epsilons[0] if len(set(epsilons)) == 1 else epsilons
+        if method.startswith("dare") or method.startswith("della"):
+            what = "DARE's" if method.startswith("dare") else "MAGPRUNE's"
+            notes.append(f"{what} random masks follow mergekit's definition but not its random numbers (seed "
                          f"{own.get('seed', 0)} of this library).")
         options.update(own)
         plan.update(weights=weights, strategy=method, options=options)

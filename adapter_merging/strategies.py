@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from ._warnings import warn
 from .ops.task_vectors import MERGEKIT, OURS, check_convention, check_density, check_gamma, check_sign_method
+from .ops.task_vectors import check_epsilon, check_magprune_window
 from .rules import (
     DROP_AND_RESCALE,
     KEEP_BAND,
@@ -28,6 +29,7 @@ from .rules import (
     TaskVectors,
 )
 
+from .rules.della import MAGPRUNE
 from .rules.star import DEFAULT_ETA, SpectralTruncation
 from .rules.tsv import TaskSingularVectors
 from .strategy_names import CombineStrategy, SignMethod  # the names live without torch, for the CLI
@@ -124,6 +126,8 @@ class Strategy:
                 f"Pass either svd_rank (a fixed rank) or svd_tol (the smallest rank whose relative error is at most "
                 f"svd_tol), not both: got svd_rank={parsed['svd_rank']}, svd_tol={parsed['svd_tol']}."
             )
+        if "epsilon" in parsed and "density" in parsed:  # DELLA: density ± epsilon within [0, 1]
+            check_magprune_window(parsed["density"], parsed["epsilon"])
         # breadcrumbs: drop the top gamma, keep the next density (mergekit's convention shrinks the top dropped)
         if "gamma" in parsed and "density" in parsed and parsed.get("convention") != MERGEKIT:
             densities = parsed["density"] if isinstance(parsed["density"], tuple) else (parsed["density"],)
@@ -227,6 +231,18 @@ def _finite_number(name: str, value: Any) -> float:
 
 GAMMA = Option("gamma", 0.01, _gamma, "fraction of largest magnitudes dropped (breadcrumbs; one number, or one per input)")
 SEED = Option("seed", 0, _seed, "seed of the random drop mask (same seed, same result)")
+def _epsilon(name: str, value: Any):
+    """An epsilon, or one per input (checked against the number of inputs when merging)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(check_epsilon(v) for v in value)
+    return check_epsilon(value)
+
+
+EPSILON = Option(
+    "epsilon", 0.15, _epsilon,
+    "DELLA: keep probabilities spread over [density − epsilon, density + epsilon] by magnitude rank "
+    "(mergekit's default 0.15; one number, or one per input)",
+)
 # the conventions of the task-vector strategies (their options, declared once here)
 CONVENTION = Option(
     "convention", OURS, lambda name, value: check_convention(value),
@@ -342,6 +358,19 @@ register_strategy(Strategy(
     "Breadcrumbs' band of each ΔWᵢ (drop the top `gamma`, keep the next `density`), then TIES sign election "
     "and disjoint mean.",
     TaskVectors(KEEP_BAND, SIGN_ELECTION), options=(DENSITY, GAMMA, SIGN_METHOD) + _CONVENTIONS + _REFACTOR,
+))
+register_strategy(Strategy(
+    "della", LORA,
+    "DELLA on the updates ΔWᵢ: MAGPRUNE (per row, keep probabilities over [density − epsilon, density + "
+    "epsilon] by magnitude rank, survivors ÷ their probability), then TIES sign election and disjoint mean.",
+    TaskVectors(MAGPRUNE, SIGN_ELECTION),
+    options=(DENSITY, EPSILON, SIGN_METHOD, SEED) + _CONVENTIONS + _REFACTOR,
+))
+register_strategy(Strategy(
+    "della_linear", LORA,
+    "DELLA's MAGPRUNE of each ΔWᵢ (per row, keep probabilities over [density − epsilon, density + epsilon] "
+    "by magnitude rank, survivors ÷ their probability), then Σ λᵢ ΔŴᵢ.",
+    TaskVectors(MAGPRUNE, SUM), options=(DENSITY, EPSILON, SEED) + _CONVENTIONS + _REFACTOR,
 ))
 register_strategy(Strategy(
     "tsv", LORA,

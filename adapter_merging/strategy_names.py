@@ -20,6 +20,8 @@ CombineStrategy = Literal[
     "magnitude_prune",
     "breadcrumbs",
     "breadcrumbs_ties",
+    "della",
+    "della_linear",
     "tsv",
     "star",
 ]

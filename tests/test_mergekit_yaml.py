@@ -182,9 +182,9 @@ def test_mergekits_ties_example_gets_one_message_listing_everything_unsupported(
 
 
 def test_unknown_methods_and_keys(tmp_path):
-    with pytest.raises(ConfigError, match=r"merge_method 'della' is not supported \(a mergekit method this library "
+    with pytest.raises(ConfigError, match=r"merge_method 'slerp' is not supported \(a mergekit method this library "
                                           r"does not compute\); use one of \['breadcrumbs', 'breadcrumbs_ties'"):
-        plan_from_yaml(write(tmp_path, MODELS + "merge_method: della\n"))
+        plan_from_yaml(write(tmp_path, MODELS + "merge_method: slerp\n"))
     with pytest.raises(ConfigError, match=r"not supported: parameters\.gamma \(not a parameter of ties"):
         plan_from_yaml(write(tmp_path, MODELS + "merge_method: ties\nparameters: {gamma: 0.1}\n"))
     with pytest.raises(ConfigError, match=r"models\[0\], models\[1\], models\[2\] have no `weight`"):

@@ -43,6 +43,12 @@ from .task_vectors import (
     elect_sign,
     per_task_density,
     weighted_sum,
+    check_magprune_window,
+    magprune_keep,
+    magprune_probabilities,
+    magprune_seeds,
+    pcg64_uniforms,
+    per_task_epsilon,
 )
 
 #: entries per chunk of rows (a chunk of every task and its temporaries stay in the CPU's caches)
@@ -364,6 +370,51 @@ class DropAndRescale(Sparsify):
         return values.div_(self.densities[task]).mul_(keep)  # τ/density kept or 0: the selection, for finite τ
 
 
+class MagPrune(Sparsify):
+    """DELLA's MAGPRUNE (`task_vectors.magprune`), chunk of rows by chunk: each row of each task ranked by
+    magnitude, keep probabilities spread linearly over [densityᵢ − εᵢ, densityᵢ + εᵢ] (larger magnitude,
+    higher probability), the Bernoulli mask drawn from the task's seed (one per task, drawn from the
+    merge's generator in task order, as DARE draws them) at the chunk's place in its stream, so any
+    chunking gives the same mask; τ̂ᵢ = mᵢ ⊙ τᵢ / p (ours) or mᵢ ⊙ τᵢ (mergekit 0.1.5's, whose `rescale`
+    then matches the L1 norm). Rows are ranked on their own, so no pass over the whole task is needed."""
+
+    def __init__(self, density, epsilon, convention: str = OURS) -> None:
+        self.density, self.epsilon, self.convention = density, epsilon, check_convention(convention)
+
+    def plan(self, tasks, generator, workspace):
+        self.densities = per_task_density(self.density, tasks.n)
+        self.epsilons = per_task_epsilon(self.epsilon, tasks.n)
+        for density, epsilon in zip(self.densities, self.epsilons):
+            check_magprune_window(density, epsilon)
+        self.seeds = magprune_seeds(tasks.n, generator)
+        self.k = tasks.shape[1]
+
+    def _kept(self, task: int, values: torch.Tensor, rows: slice):
+        """(the keep mask, the probabilities in the values' dtype) of a chunk; None where all is kept."""
+        if self.densities[task] >= 1:
+            return None
+        p = magprune_probabilities(values.abs(), self.densities[task], self.epsilons[task])
+        keep = magprune_keep(pcg64_uniforms(self.seeds[task], rows.start * self.k, values.numel()), p)
+        return keep, p.masked_fill_(~keep, 1.0).to(values.dtype)  # p > 0 wherever an entry is kept
+
+    def apply_(self, task, values, rows):
+        kept = self._kept(task, values, rows)
+        if kept is None:
+            return values
+        keep, p = kept
+        scaled = values / p if self.convention == OURS else values
+        return values.copy_(torch.where(keep, scaled, torch.zeros_like(values)))
+
+    def apply_finite_(self, task, values, rows, ws):
+        kept = self._kept(task, values, rows)
+        if kept is None:
+            return values
+        keep, p = kept
+        if self.convention == OURS:
+            values.div_(p)
+        return values.mul_(keep)  # τ/p kept or 0: the selection, for finite τ
+
+
 # ----------------------------------------------------------------------------- consensus
 class Consensus:
     """How the trimmed chunks are combined: ``exact(trimmed, weights)`` (the definition, any values) and
@@ -551,6 +602,6 @@ def mergekit_ties_consensus(method: str, normalize: bool) -> Consensus:
 
 __all__ = [
     "Tasks", "FactoredTasks", "DenseTasks", "Top", "select_tops", "Sparsify", "KeepAll", "KeepWindow",
-    "DropAndRescale", "Consensus", "Sum", "SignElection", "MergekitSum", "MergekitSignElection", "merge",
+    "DropAndRescale", "MagPrune", "Consensus", "Sum", "SignElection", "MergekitSum", "MergekitSignElection", "merge",
     "sum_consensus", "ties_consensus", "mergekit_sum_consensus", "mergekit_ties_consensus", "l1_rescales", "chunks",
 ]

@@ -240,6 +240,122 @@ def dare_mask(
     return unpack_bits(dare_bits(numel, density, generator), 0, numel).reshape(shape)
 
 
+# --------------------------------------------------------------------------- DELLA's MAGPRUNE
+
+
+def check_epsilon(epsilon: float) -> float:
+    """Validate MAGPRUNE's half-width of the keep probabilities: a finite number ≥ 0 (TypeError for a
+    value that is not a number, ValueError for one out of range; the window around the density is
+    checked by `check_magprune_window`)."""
+    example = "Pass e.g. epsilon=0.15: keep probabilities from density − 0.15 to density + 0.15."
+    value = _real("epsilon", epsilon, "[0, 0.5]", example)
+    if not (math.isfinite(value) and 0.0 <= value <= 0.5):
+        raise ValueError(f"epsilon must be a finite number in [0, 0.5], got {epsilon!r}. {example}")
+    return value
+
+
+def per_task_epsilon(epsilon, n: int) -> List[float]:
+    """One validated epsilon per task: a number for every task, or a sequence of n (mergekit's per-model epsilon)."""
+    if isinstance(epsilon, (str, bytes)) or not isinstance(epsilon, Sequence):
+        return [check_epsilon(epsilon)] * n
+    if len(epsilon) != n:
+        raise ValueError(f"epsilon has {len(epsilon)} values for {n} inputs: pass one number, or one per input.")
+    return [check_epsilon(e) for e in epsilon]
+
+
+def check_magprune_window(density, epsilon) -> None:
+    """MAGPRUNE keeps entries with probabilities from density − epsilon to density + epsilon: both ends
+    must lie in [0, 1] (density = 1 keeps everything and ignores epsilon, as mergekit does). Numbers or
+    per-input sequences (pairs checked where both are sequences of one length; others at merge time)."""
+    densities = list(density) if isinstance(density, (list, tuple)) else None
+    epsilons = list(epsilon) if isinstance(epsilon, (list, tuple)) else None
+    if densities is None and epsilons is None:
+        pairs = [(density, epsilon)]
+    elif densities is None:
+        pairs = [(density, e) for e in epsilons]
+    elif epsilons is None:
+        pairs = [(d, epsilon) for d in densities]
+    elif len(densities) == len(epsilons):
+        pairs = list(zip(densities, epsilons))
+    else:
+        return  # per_task_density / per_task_epsilon refuse the lengths when merging
+    for d, e in pairs:
+        d, e = check_density(d), check_epsilon(e)
+        if d < 1 and not (-1e-12 <= d - e and d + e <= 1.0 + 1e-12):  # decimal inputs: 0.7 + 0.3 is 1
+            raise ValueError(
+                f"MAGPRUNE keeps entries with probabilities from density − epsilon to density + epsilon, which "
+                f"must lie in [0, 1]: density={d:g}, epsilon={e:g} gives [{d - e:g}, {d + e:g}]. Pass epsilon ≤ "
+                f"{min(d, 1 - d):g} (or density=1 to keep everything)."
+            )
+
+
+def magprune_probabilities(magnitude: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA's keep probabilities of each row of ``magnitude`` (rows × k), float64: the entries of a
+    row ranked by increasing magnitude ρ = 0 … k−1, p = (density − ε) + 2ε·ρ/(k − 1) (p = density if
+    k = 1). Equal magnitudes: the lower column index ranks as the larger (NaN ranks as +inf)."""
+    rows, k = magnitude.shape
+    if k == 1:
+        return torch.full((rows, 1), float(density), dtype=torch.float64, device=magnitude.device)
+    size = torch.where(torch.isnan(magnitude), torch.full_like(magnitude, math.inf), magnitude)
+    order = torch.sort(size, dim=1, descending=True, stable=True).indices  # position q: 0 = largest
+    ascending = torch.arange(k - 1, -1, -1, dtype=torch.float64, device=magnitude.device).expand(rows, k)
+    rank = torch.empty(rows, k, dtype=torch.float64, device=magnitude.device).scatter_(1, order, ascending)
+    return ((float(density) - float(epsilon)) + rank / (k - 1) * (2.0 * float(epsilon))).clamp_(0.0, 1.0)
+
+
+def magprune_seeds(n: int, generator: Optional[torch.Generator] = None) -> List[int]:
+    """One 63-bit seed per task, drawn from ``generator`` in task order exactly as `dare_bits_many` draws
+    its seeds (so MAGPRUNE with epsilon = 0 draws DARE's masks)."""
+    return [int(torch.randint(0, 2**63 - 1, (1,), generator=generator, dtype=torch.int64)) for _ in range(n)]
+
+
+def pcg64_uniforms(seed: int, offset: int, count: int) -> np.ndarray:
+    """The 32-bit uniforms u[offset … offset + count) of `dare_bits`' stream for ``seed``: the raw 64-bit
+    outputs of numpy's PCG64 split into 32-bit halves, low half first, one per entry in row-major order.
+    Any range, without drawing what comes before it (``PCG64.advance``)."""
+    stream = np.random.PCG64(seed)
+    if offset // 2:
+        stream.advance(offset // 2)
+    skip = offset % 2
+    raw = stream.random_raw((skip + count + 1) // 2).astype("<u8", copy=False).view("<u4")
+    return raw[skip : skip + count]
+
+
+def magprune_keep(uniforms: np.ndarray, probabilities: torch.Tensor) -> torch.Tensor:
+    """m = u < round(p·2³²), elementwise (DARE's rule with a probability per entry), as a bool tensor of
+    the shape of ``probabilities``."""
+    thresholds = torch.round(probabilities.double().cpu() * 2.0**32).to(torch.int64)
+    u = torch.from_numpy(uniforms.astype(np.int64)).view(thresholds.shape)
+    return (u < thresholds).to(probabilities.device)
+
+
+def magprune(
+    tasks: torch.Tensor,
+    density: Density,
+    epsilon,
+    generator: Optional[torch.Generator] = None,
+    divide: bool = True,
+) -> torch.Tensor:
+    """DELLA's MAGPRUNE (Deep et al. 2024) on dense tasks (n, d, k): per row of each task, keep entry p
+    with probability p[p] = `magprune_probabilities` (larger magnitude, higher probability), the mask
+    `magprune_keep` of the uniforms `pcg64_uniforms` of the task's seed (`magprune_seeds`); τ̂ᵢ = mᵢ ⊙ τᵢ / p
+    (``divide``; mergekit's convention: mᵢ ⊙ τᵢ). density = 1 keeps everything (the seeds are still drawn)."""
+    n, d, k = tasks.shape
+    densities, epsilons = per_task_density(density, n), per_task_epsilon(epsilon, n)
+    seeds = magprune_seeds(n, generator)
+    out = torch.empty_like(tasks)
+    for i, task in enumerate(tasks):
+        check_magprune_window(densities[i], epsilons[i])
+        if densities[i] >= 1:
+            out[i] = task
+            continue
+        p = magprune_probabilities(task.abs(), densities[i], epsilons[i])
+        keep = magprune_keep(pcg64_uniforms(seeds[i], 0, d * k), p)
+        kept = task / p.to(task.dtype) if divide else task
+        out[i] = torch.where(keep, kept, torch.zeros_like(task))
+    return out
+
+
 # --------------------------------------------------------------------------- TIES building blocks
 
 
@@ -474,4 +590,12 @@ __all__ = [
     "dare_ties",
     "magnitude_prune",
     "breadcrumbs",
+    "check_epsilon",
+    "per_task_epsilon",
+    "check_magprune_window",
+    "magprune_probabilities",
+    "magprune_seeds",
+    "pcg64_uniforms",
+    "magprune_keep",
+    "magprune",
 ]
