@@ -29,6 +29,7 @@ from .rules import (
     TaskVectors,
 )
 
+from .rules.task_vectors import FULL as FULL_SPACE, check_space
 from .rules.della import MAGPRUNE
 from .rules.star import DEFAULT_ETA, SpectralTruncation
 from .rules.tsv import TaskSingularVectors
@@ -259,6 +260,14 @@ RESCALE = Option(
     "rescale", False, _flag, "multiply each sparsified ΔWᵢ by ‖ΔWᵢ‖₁ / ‖sparsified‖₁ (mergekit's `rescale`)"
 )
 _CONVENTIONS = (CONVENTION, NORMALIZE, SCALE, RESCALE)
+#: the merge space of the task-vector strategies (every strategy whose rule is a `TaskVectors` declares it)
+SPACE = Option(
+    "space", FULL_SPACE, lambda name, value: check_space(value),
+    "which matrices the rule merges: 'full' (the dense updates ΔWᵢ, then a truncated SVD), 'core' (Core Space: "
+    "the cores U_Bᵀ·sᵢBᵢAᵢ·V_A, Panariello et al. 2025) or 'knots' (KnOTS: the parts diag(S)·Vᵢᵀ of the SVD of "
+    "[ΔW₁ … ΔW_T], Stoica et al. 2025); 'core' and 'knots' are stored exactly at rank ≤ Σ rᵢ",
+)
+
 
 
 def _eta(name: str, value: Any) -> float:
@@ -331,46 +340,46 @@ register_strategy(Strategy(
 register_strategy(Strategy(
     "ties", LORA,
     "TIES on the updates ΔWᵢ: trim to `density`, elect signs, disjoint mean; then re-factorise.",
-    TaskVectors(KEEP_LARGEST, SIGN_ELECTION), options=(DENSITY, SIGN_METHOD) + _CONVENTIONS + _REFACTOR,
+    TaskVectors(KEEP_LARGEST, SIGN_ELECTION), options=(DENSITY, SIGN_METHOD) + _CONVENTIONS + (SPACE,) + _REFACTOR,
 ))
 register_strategy(Strategy(
     "dare_linear", LORA,
     "DARE on the updates ΔWᵢ: drop entries with probability 1 − density, rescale by 1/density, sum.",
-    TaskVectors(DROP_AND_RESCALE, SUM), options=(DENSITY, SEED) + _CONVENTIONS + _REFACTOR,
+    TaskVectors(DROP_AND_RESCALE, SUM), options=(DENSITY, SEED) + _CONVENTIONS + (SPACE,) + _REFACTOR,
 ))
 register_strategy(Strategy(
     "dare_ties", LORA,
     "DARE drop and rescale, then TIES sign election and disjoint mean.",
-    TaskVectors(DROP_AND_RESCALE, SIGN_ELECTION), options=(DENSITY, SIGN_METHOD, SEED) + _CONVENTIONS + _REFACTOR,
+    TaskVectors(DROP_AND_RESCALE, SIGN_ELECTION), options=(DENSITY, SIGN_METHOD, SEED) + _CONVENTIONS + (SPACE,) + _REFACTOR,
 ))
 register_strategy(Strategy(
     "magnitude_prune", LORA,
     "Keep the top `density` magnitudes of each ΔWᵢ, then Σ λᵢ ΔŴᵢ.",
-    TaskVectors(KEEP_LARGEST, SUM), options=(DENSITY,) + _CONVENTIONS + _REFACTOR,
+    TaskVectors(KEEP_LARGEST, SUM), options=(DENSITY,) + _CONVENTIONS + (SPACE,) + _REFACTOR,
 ))
 register_strategy(Strategy(
     "breadcrumbs", LORA,
     "Drop the top `gamma` and keep the next `density` magnitudes of each ΔWᵢ, then Σ λᵢ ΔŴᵢ.",
-    TaskVectors(KEEP_BAND, SUM), options=(DENSITY, GAMMA) + _CONVENTIONS + _REFACTOR,
+    TaskVectors(KEEP_BAND, SUM), options=(DENSITY, GAMMA) + _CONVENTIONS + (SPACE,) + _REFACTOR,
 ))
 register_strategy(Strategy(
     "breadcrumbs_ties", LORA,
     "Breadcrumbs' band of each ΔWᵢ (drop the top `gamma`, keep the next `density`), then TIES sign election "
     "and disjoint mean.",
-    TaskVectors(KEEP_BAND, SIGN_ELECTION), options=(DENSITY, GAMMA, SIGN_METHOD) + _CONVENTIONS + _REFACTOR,
+    TaskVectors(KEEP_BAND, SIGN_ELECTION), options=(DENSITY, GAMMA, SIGN_METHOD) + _CONVENTIONS + (SPACE,) + _REFACTOR,
 ))
 register_strategy(Strategy(
     "della", LORA,
     "DELLA on the updates ΔWᵢ: MAGPRUNE (per row, keep probabilities over [density − epsilon, density + "
     "epsilon] by magnitude rank, survivors ÷ their probability), then TIES sign election and disjoint mean.",
     TaskVectors(MAGPRUNE, SIGN_ELECTION),
-    options=(DENSITY, EPSILON, SIGN_METHOD, SEED) + _CONVENTIONS + _REFACTOR,
+    options=(DENSITY, EPSILON, SIGN_METHOD, SEED) + _CONVENTIONS + (SPACE,) + _REFACTOR,
 ))
 register_strategy(Strategy(
     "della_linear", LORA,
     "DELLA's MAGPRUNE of each ΔWᵢ (per row, keep probabilities over [density − epsilon, density + epsilon] "
     "by magnitude rank, survivors ÷ their probability), then Σ λᵢ ΔŴᵢ.",
-    TaskVectors(MAGPRUNE, SUM), options=(DENSITY, EPSILON, SEED) + _CONVENTIONS + _REFACTOR,
+    TaskVectors(MAGPRUNE, SUM), options=(DENSITY, EPSILON, SEED) + _CONVENTIONS + (SPACE,) + _REFACTOR,
 ))
 register_strategy(Strategy(
     "tsv", LORA,

@@ -1,6 +1,8 @@
 """Task vectors (``ties``, ``dare_*``, ``magnitude_prune``, ``breadcrumbs``, ``breadcrumbs_ties``):
 a sparsification of each update τᵢ = ΔWᵢ × a consensus of the survivors (mergekit's generalized task
-arithmetic), computed chunk of rows by chunk on the dense updates, then a truncated SVD of the result."""
+arithmetic). Its ``space`` option says which matrices the rule merges: ``"full"`` the dense updates,
+chunk of rows by chunk, then a truncated SVD of the result; ``"core"`` the small core matrices of
+`core_space`; ``"knots"`` the task parts of `knots` (both stored exactly from their factors)."""
 from __future__ import annotations
 
 import math
@@ -13,6 +15,25 @@ from ..ops import chunked
 from ..ops.dense_svd import dense_difference, dense_low_rank, squared_norm
 from ..ops.lowrank import LowRankSVD, split_and_measure
 from .base import DeltaWRule, Factors, ModuleMerge
+from .core_space import merge_in_core_space
+from .knots import merge_in_knots_space
+
+#: the merge spaces of the task-vector rules (their ``space`` option)
+FULL, CORE, KNOTS = "full", "core", "knots"
+SPACES = (FULL, CORE, KNOTS)
+
+
+def check_space(space: Any) -> str:
+    """Validate a ``space``: ``"full"``, ``"core"`` or ``"knots"`` (TypeError for a non-string)."""
+    if not isinstance(space, str):
+        raise TypeError(f"space must be one of {list(SPACES)} (a string), got {space!r}.")
+    if space not in SPACES:
+        raise ValueError(
+            f"Unknown space {space!r}: use 'full' (merge the dense updates ΔWᵢ), 'core' (the core matrices of "
+            "Core Space merging, Panariello et al. 2025) or 'knots' (the task parts of one shared SVD, KnOTS, "
+            "Stoica et al. 2025)."
+        )
+    return space
 
 
 @dataclass(frozen=True)
@@ -100,7 +121,10 @@ def measure_refactorisation(dense: torch.Tensor, svd: LowRankSVD, stored: Factor
 class TaskVectors(DeltaWRule):
     """τ_m = consensus(sparsify(τ), λ) of the updates τᵢ = ΔWᵢ of one module, computed chunk of rows by
     chunk (`ops.chunked`: the tasks are never all dense at once), then the truncated SVD of τ_m (rank
-    Σ rᵢ by default), stored and measured as stored. The target is τ_m itself."""
+    Σ rᵢ by default), stored and measured as stored. The target is τ_m itself.
+
+    With ``space="core"`` or ``"knots"`` the same rule merges the tasks' matrices of that space
+    (`core_space`, `knots`) and the target is the merged update they define (stored exactly)."""
 
     sparsify: Sparsifier
     consensus: Consensus
@@ -109,14 +133,24 @@ class TaskVectors(DeltaWRule):
     @property
     def option_names(self) -> Tuple[str, ...]:  # type: ignore[override]
         return tuple(dict.fromkeys(
-            self.sparsify.option_names + self.consensus.option_names + ("rescale", "scale", "svd_rank", "svd_tol")
+            self.sparsify.option_names + self.consensus.option_names
+            + ("rescale", "scale", "space", "svd_rank", "svd_tol")
         ))
 
+    def merge_tasks(self, tasks: chunked.Tasks, weights, options, generator) -> torch.Tensor:
+        """τ_m = scale · consensus(sparsify(τ), λ) of the stacked ``tasks`` (any merge space), in their dtype."""
+        return chunked.merge(tasks, weights, self.sparsify.make(options), self.consensus.make(options), generator,
+                             rescale=bool(options.get("rescale", False)), scale=float(options.get("scale", 1.0)))
+
     def decompose(self, factors, weights, scalings, ranks, scaling, dtype, options, generator) -> ModuleMerge:
+        space = options.get("space", FULL)
+        if space == CORE:
+            return merge_in_core_space(self.merge_tasks, factors, weights, scalings, scaling, dtype, options, generator)
+        if space == KNOTS:
+            return merge_in_knots_space(self.merge_tasks, factors, weights, scalings, scaling, dtype, options, generator)
         compute = torch.float64 if factors[0][0].dtype == torch.float64 else torch.float32
         tasks = chunked.FactoredTasks(factors, scalings, compute)  # τᵢ = sᵢBᵢAᵢ, a chunk of rows at a time
-        dense = chunked.merge(tasks, weights, self.sparsify.make(options), self.consensus.make(options), generator,
-                              rescale=bool(options.get("rescale", False)), scale=float(options.get("scale", 1.0)))
+        dense = self.merge_tasks(tasks, weights, options, generator)
         rank = options.get("svd_rank")
         if rank is None and options.get("svd_tol") is None:
             rank = sum(ranks)
