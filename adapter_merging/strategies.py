@@ -33,6 +33,7 @@ from .rules.task_vectors import FULL as FULL_SPACE, check_space
 from .rules.della import MAGPRUNE
 from .rules.star import DEFAULT_ETA, SpectralTruncation
 from .rules.tsv import TaskSingularVectors
+from .rules.iso import IsoC, IsoCTS
 from .strategy_names import CombineStrategy, SignMethod  # the names live without torch, for the CLI
 
 #: Families of adapters, as named in errors and docs.
@@ -232,6 +233,24 @@ def _finite_number(name: str, value: Any) -> float:
 
 GAMMA = Option("gamma", 0.01, _gamma, "fraction of largest magnitudes dropped (breadcrumbs; one number, or one per input)")
 SEED = Option("seed", 0, _seed, "seed of the random drop mask (same seed, same result)")
+
+
+def _common_fraction(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a number in (0, 1], got {value!r}.")
+    if not 0 < value <= 1:  # NaN fails this too
+        raise ValueError(
+            f"{name} must lie in (0, 1]: the fraction of the merged update's exact rank given to the common "
+            f"subspace (1 is Iso-C), got {value}."
+        )
+    return float(value)
+
+
+COMMON_FRACTION = Option(
+    "common_fraction", 0.8, _common_fraction,
+    "iso_cts: fraction of the exact rank of Σ λᵢ ΔWᵢ spanned by its common subspace, the rest split "
+    "evenly among the tasks (the authors' default 0.8; 1 is Iso-C)",
+)
 def _epsilon(name: str, value: Any):
     """An epsilon, or one per input (checked against the number of inputs when merging)."""
     if isinstance(value, (list, tuple)):
@@ -392,4 +411,16 @@ register_strategy(Strategy(
     "STAR (Lee et al. 2025): each ΔWᵢ truncated to the leading singular values that reach `eta` % of its "
     "nuclear norm, rescaled to keep it; Σ λᵢ·STAR(ΔWᵢ) stored exactly.",
     SpectralTruncation(), options=(ETA,) + _REFACTOR,
+))
+register_strategy(Strategy(
+    "iso_c", LORA,
+    "Iso-C (Marczak et al. 2025): Σ λᵢ ΔWᵢ = U S Vᵀ with every singular value replaced by their mean over "
+    "its exact rank, mean(S)·U Vᵀ, computed from the factors and stored exactly.",
+    IsoC(), options=_REFACTOR,
+))
+register_strategy(Strategy(
+    "iso_cts", LORA,
+    "Iso-CTS (Marczak et al. 2025): the top `common_fraction` of the singular directions of Σ λᵢ ΔWᵢ and each "
+    "task's top directions off them, orthogonalised, with isotropic singular values; stored exactly.",
+    IsoCTS(), options=(COMMON_FRACTION,) + _REFACTOR,
 ))

@@ -24,6 +24,8 @@ CombineStrategy = Literal[
     "della_linear",
     "tsv",
     "star",
+    "iso_c",
+    "iso_cts",
 ]
 #: TIES sign election (``majority_sign_method``)
 SignMethod = Literal["total", "frequency"]

@@ -321,3 +321,30 @@ def test_yaml_della_refusals(tmp_path):
     # density 1 keeps everything in mergekit, whatever epsilon
     assert plan(tmp_path, MODELS.replace("density: 0.4, epsilon: 0.1", "density: 1.0, epsilon: 0.4")
                 + "merge_method: della\n")["options"]["epsilon"] == [0.15, 0.4]
+
+
+# ----------------------------------------------------------------------------- in Core Space and KnOTS' space
+@pytest.mark.parametrize("space", ["core", "knots"])
+@pytest.mark.parametrize("strategy", ["della", "della_linear"])
+def test_in_the_small_spaces_magprune_runs_on_their_matrices(strategy, space, monkeypatch):
+    """space='core' / 'knots': MAGPRUNE and the consensus run on the cores (or KnOTS' task parts), rows of
+    those matrices ranked, masks from the same seeded stream; the stored update is the space's reference
+    with the dense DELLA rule written here, within 1e-6 relative."""
+    import space_reference
+
+    def rule(name, matrices, weights, options, generator=None):
+        tasks = torch.stack([torch.as_tensor(m, dtype=torch.float64) for m in matrices])
+        merged = reference_della(tasks, weights, options["density"], options["epsilon"], generator, name == "della")
+        return merged.numpy()
+
+    monkeypatch.setattr(space_reference, "rule", rule)
+    factors = random_factors(8, 30, 26, [3, 5, 2])
+    scalings, weights = [2.0, 0.5, 1.5], [0.8, -0.5, 0.6]
+    options = dict(density=0.4, epsilon=0.3, seed=2, space=space)
+    parsed = get_strategy(strategy).parse_options(None, options)
+    merge = get_strategy(strategy).rule.decompose(factors, weights, scalings, [3, 5, 2], 1.0, torch.float64, parsed,
+                                                  torch.Generator().manual_seed(2))
+    stored = merge.stored[0] @ merge.stored[1]
+    reference = space_reference.core_reference if space == "core" else space_reference.knots_reference
+    want = torch.as_tensor(reference(strategy, factors, scalings, weights, options, torch.Generator().manual_seed(2)))
+    assert rel(stored, want) < 1e-6
