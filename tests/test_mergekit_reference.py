@@ -87,6 +87,13 @@ CASES = {
     "breadcrumbs_ties": ("breadcrumbs_ties", {"normalize": True},
                          [dict(weight=1.0, density=0.4, gamma=0.1), dict(weight=0.5, density=0.6, gamma=0.1),
                           dict(weight=-0.7, density=0.8, gamma=0.1)]),
+    # DELLA's masks are random (mergekit's torch.bernoulli is not reproduced): density 1 keeps everything
+    # there, so these check the YAML's names and defaults (della: normalize and TIES consensus) exactly
+    "della_density_one": ("della", {}, [dict(weight=1.0, density=1.0, epsilon=0.2), dict(weight=0.5, density=1.0),
+                                        dict(weight=-0.7, density=1.0, epsilon=0.3)]),
+    "della_linear_density_one": ("della_linear", {"lambda": 1.2, "epsilon": 0.1},
+                                 [dict(weight=1.0, density=1.0), dict(weight=0.5, density=1.0),
+                                  dict(weight=-0.7, density=1.0)]),
 }
 
 
