@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where a task-vector strategy merges: full (the dense updates, default), core (Core "
                              "Space of the stacked factors: exact storage, no dense matrix) or knots (KnOTS' "
                              "aligned space)")
-    parser.add_argument("--eta", type=float, help="star: the percentage of each update's nuclear norm kept (default 40)")
+    parser.add_argument("--eta", type=float,
+                        help="star: the percentage of each update's nuclear norm kept (default 40)")
     parser.add_argument("--common-fraction", type=float,
                         help="iso_cts: the common subspace's fraction of the merged rank (default 0.8)")
     parser.add_argument("--epsilon", type=float, help="della, della_linear: the spread of the keep probabilities "
