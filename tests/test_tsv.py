@@ -10,7 +10,7 @@ import torch
 
 from adapter_merging import merge_saved_adapters
 from adapter_merging._warnings import MergeWarning
-from adapter_merging.rules.tsv import orthogonal_polar
+from adapter_merging.rules.tsv import orthogonal_polar, orthogonal_polar_rows
 from adapter_merging.strategies import get_strategy
 from adapter_merging.strategy_names import STRATEGY_NAMES
 
@@ -30,9 +30,11 @@ TOL = 1e-6  # relative, at the exact rank, float64 storage
 
 # ============================================================================ the dense reference
 def polar(matrix: torch.Tensor) -> torch.Tensor:
-    """P Qᵀ of the thin SVD matrix = P Σ Qᵀ (dense)."""
-    p, _, qh = torch.linalg.svd(matrix, full_matrices=False)
-    return p @ qh
+    """P Qᵀ of the thin SVD matrix = P Σ Qᵀ (dense); where singular values are ≤ 1e-8·σ₁ (linearly
+    dependent vectors: the factor is not unique), the canonical one, over the others only."""
+    p, s, qh = torch.linalg.svd(matrix, full_matrices=False)
+    keep = s > 1e-8 * s[0]
+    return p[:, keep] @ qh[keep]
 
 
 def tsv_reference(deltas, weights, ranks) -> torch.Tensor:
@@ -104,6 +106,44 @@ def test_decorrelated_bases_are_orthonormal_and_nearest():
         gram = q.T @ q if shape[0] >= shape[1] else q @ q.T
         assert float((gram - torch.eye(gram.shape[0], dtype=torch.float64)).abs().max()) <= 1e-13
         assert float((q - polar(m)).abs().max()) <= 1e-12
+
+
+def test_polar_paths_agree_with_the_dense_polar_factor():
+    """Both ways of computing the polar factor (the R × R Gram matrix where it is well conditioned,
+    a thin QR where not: nearly shared task subspaces, more vectors than dimensions) match the dense
+    SVD's P Qᵀ, columns and rows."""
+    generator = torch.Generator().manual_seed(8)
+    base = torch.randn(40, 6, generator=generator, dtype=torch.float64)
+    for spread in (1.0, 1e-2, 1e-5):  # Gram condition ~1, ~1e-4 (Gram path), ~1e-10 (QR path)
+        m = torch.cat([base, base + spread * torch.randn(40, 6, generator=generator, dtype=torch.float64)], 1)
+        expected = polar(m)
+        assert float((orthogonal_polar(m) - expected).abs().max()) <= 1e-9, spread
+        assert float((orthogonal_polar_rows(m.T.contiguous()) - expected.T).abs().max()) <= 1e-9, spread
+        assert orthogonal_polar_rows(m.T.contiguous()).is_contiguous()
+
+
+def test_tsv_nearly_identical_tasks_match_the_reference():
+    """Two tasks whose updates nearly coincide, with one A (their right singular vectors span one
+    space: the polar factor is not unique, the canonical one is taken; the left ones nearly shared:
+    the QR path)."""
+    factors = random_factors(21, 30, 25, [3, 3])
+    generator = torch.Generator().manual_seed(22)
+    b, a = factors[0]
+    factors[1] = (b + 1e-6 * torch.randn(b.shape, generator=generator, dtype=torch.float64), a.clone())
+    reference = tsv_reference(dense_updates(factors, [1.0, 1.0]), [0.5, 0.5], [3, 3])
+    _, got = run_rule("tsv", factors, [0.5, 0.5], [1.0, 1.0])
+    assert rel(got, reference) <= TOL
+
+
+def test_tsv_identical_tasks_merge_to_the_weighted_task():
+    """Copies of one task share every direction: the canonical decorrelation averages them, so
+    weights 1 and 1 give ΔW itself and 0.5 and 0.5 give ΔW/2."""
+    factors = random_factors(23, 20, 30, [4])
+    copies = [factors[0], (factors[0][0].clone(), factors[0][1].clone())]
+    delta = dense_updates(factors, [1.5])[0]
+    for weights, expected in [([1.0, 1.0], delta), ([0.5, 0.5], 0.5 * delta)]:
+        _, got = run_rule("tsv", copies, weights, [1.5, 1.5])
+        assert rel(got, expected) <= 1e-10
 
 
 def test_tsv_singular_values_are_the_weighted_task_singular_values():

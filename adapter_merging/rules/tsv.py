@@ -24,15 +24,52 @@ from .base import DeltaWRule, ModuleMerge
 from .exact import store_factored
 
 
+#: singular values of the concatenated singular vectors below this fraction of the largest mark
+#: directions the tasks share (e.g. LoRAs trained from one A); their polar factor is not unique (any
+#: completion is one), so the canonical one (Higham) is taken: orthonormal on the span, zero on them
+SHARED_DIRECTION = 1e-8
+#: the Gram matrix's smallest eigenvalue, relative to its largest, above which the polar factor is taken
+#: from it (error ≲ ε/that ratio ≈ 1e-10); below it (task subspaces nearly shared, or more vectors
+#: than dimensions) from a thin QR, backward stable at any conditioning
+GRAM_CONDITION = 1e-6
+
+
+def _inverse_sqrt(gram: torch.Tensor):
+    """G^{-1/2} of a symmetric positive definite R × R ``gram`` (eigendecomposition), or None where it
+    is too ill-conditioned for that to be accurate (`GRAM_CONDITION`)."""
+    values, vectors = torch.linalg.eigh(gram)
+    if not float(values[0]) > GRAM_CONDITION * float(values[-1]):
+        return None
+    return (vectors * values.rsqrt()) @ vectors.T
+
+
 def orthogonal_polar(matrix: torch.Tensor) -> torch.Tensor:
     """The polar factor P Qᵀ of ``matrix`` = P Σ Qᵀ (thin SVD): the matrix with orthonormal columns
     (orthonormal rows when it is wider than tall) nearest to ``matrix`` in Frobenius norm (orthogonal
-    Procrustes). Computed as a thin QR of the n × R matrix and an SVD of its R × R (n × R) triangle,
-    float64."""
+    Procrustes), float64. For a well-conditioned n × R matrix M it is M (MᵀM)^{-1/2} (one R × R
+    eigendecomposition and two products); otherwise a thin QR M = QR and the SVD of R give Q·(P' Q'ᵀ).
+    Where M's columns are linearly dependent (singular values ≤ `SHARED_DIRECTION`·σ₁) the polar factor
+    is not unique; the canonical one, P_r Q_rᵀ over the others, is returned (a partial isometry)."""
     m = matrix.to(torch.float64)
+    if m.shape[0] >= m.shape[1]:
+        root = _inverse_sqrt(m.T @ m)
+        if root is not None:
+            return m @ root
     q, r = torch.linalg.qr(m, mode="reduced")
-    p, _, qh = torch.linalg.svd(r, full_matrices=False)
-    return q @ (p @ qh)
+    p, values, qh = torch.linalg.svd(r, full_matrices=False)
+    keep = values > SHARED_DIRECTION * values[0]  # the canonical polar factor: dependent directions dropped
+    return q @ (p[:, keep] @ qh[keep])
+
+
+def orthogonal_polar_rows(matrix: torch.Tensor) -> torch.Tensor:
+    """`orthogonal_polar` of an R × k ``matrix`` with R ≤ k: orthonormal rows, (M Mᵀ)^{-1/2} M, returned
+    contiguous (row-major, as a LoRA A)."""
+    m = matrix.to(torch.float64)
+    if m.shape[0] <= m.shape[1]:
+        root = _inverse_sqrt(m @ m.T)
+        if root is not None:
+            return root @ m
+    return orthogonal_polar(m.T).T.contiguous()
 
 
 @dataclass(frozen=True)
@@ -62,5 +99,5 @@ class TaskSingularVectors(DeltaWRule):
             zero = torch.zeros(d, 1, dtype=torch.float64), torch.zeros(1, k, dtype=torch.float64)
             return store_factored(zero, scaling, dtype, options)
         u_perp = orthogonal_polar(torch.cat(us, dim=1))
-        vh_perp = orthogonal_polar(torch.cat(vhs, dim=0).T).T
+        vh_perp = orthogonal_polar_rows(torch.cat(vhs, dim=0))
         return store_factored((u_perp * torch.cat(values), vh_perp), scaling, dtype, options)
