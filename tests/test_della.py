@@ -348,3 +348,19 @@ def test_in_the_small_spaces_magprune_runs_on_their_matrices(strategy, space, mo
     reference = space_reference.core_reference if space == "core" else space_reference.knots_reference
     want = torch.as_tensor(reference(strategy, factors, scalings, weights, options, torch.Generator().manual_seed(2)))
     assert rel(stored, want) < 1e-6
+
+
+def test_ranks_of_float32_and_float64_agree_ties_included():
+    """float32 magnitudes are ranked by one sort of unique integer keys, float64 by a stable sort: the
+    same ranks, equal magnitudes (and ±0) ranked by column, the lower column as the larger."""
+    from adapter_merging.ops.task_vectors import magprune_probabilities
+
+    values = torch.tensor([[0.5, -0.5, 0.0, -0.0, 2.0, 0.5, -1.0, 0.0],
+                           [3.0, 3.0, 3.0, 3.0, -3.0, 1.0, 1.0, -1.0]])
+    p32 = magprune_probabilities(values.abs(), 0.5, 0.35)
+    p64 = magprune_probabilities(values.double().abs(), 0.5, 0.35)
+    assert torch.equal(p32, p64)
+    step = 0.7 / 7
+    # row 0 ascending: 0 (col 7), 0 (col 3), 0 (col 2), 0.5 (col 5), 0.5 (col 1), 0.5 (col 0), 1 (col 6), 2 (col 4)
+    rank = torch.tensor([[5, 4, 2, 1, 7, 3, 6, 0], [7, 6, 5, 4, 3, 2, 1, 0]], dtype=torch.float64)
+    assert torch.allclose(p64, 0.15 + step * rank, rtol=0, atol=1e-15)

@@ -395,7 +395,8 @@ class MagPrune(Sparsify):
             return None
         p = magprune_probabilities(values.abs(), self.densities[task], self.epsilons[task])
         keep = magprune_keep(pcg64_uniforms(self.seeds[task], rows.start * self.k, values.numel()), p)
-        return keep, p.masked_fill_(~keep, 1.0).to(values.dtype)  # p > 0 wherever an entry is kept
+        p = p.masked_fill_(~keep, 1.0).to(device=values.device, dtype=values.dtype)  # p > 0 wherever kept
+        return keep.to(values.device), p
 
     def apply_(self, task, values, rows):
         kept = self._kept(task, values, rows)
@@ -406,13 +407,19 @@ class MagPrune(Sparsify):
         return values.copy_(torch.where(keep, scaled, torch.zeros_like(values)))
 
     def apply_finite_(self, task, values, rows, ws):
-        kept = self._kept(task, values, rows)
-        if kept is None:
+        if self.densities[task] >= 1:
             return values
-        keep, p = kept
+        if values.device.type != "cpu" or not values.is_contiguous():
+            return self.apply_(task, values, rows)
+        # on the CPU, in numpy, in place: the ranks from the values' own bits (`magprune_probabilities`),
+        # τ/p divided where kept (the same IEEE division as torch's), then × the 0/1 mask
+        v = values.numpy()
+        p = magprune_probabilities(values, self.densities[task], self.epsilons[task], finite=True).numpy()
+        keep = magprune_keep(pcg64_uniforms(self.seeds[task], rows.start * self.k, values.numel()), p).numpy()
         if self.convention == OURS:
-            values.div_(p)
-        return values.mul_(keep)  # τ/p kept or 0: the selection, for finite τ
+            np.divide(v, p.astype(v.dtype), out=v, where=keep)
+        np.multiply(v, keep, out=v)
+        return values
 
 
 # ----------------------------------------------------------------------------- consensus

@@ -289,18 +289,38 @@ def check_magprune_window(density, epsilon) -> None:
             )
 
 
-def magprune_probabilities(magnitude: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
-    """DELLA's keep probabilities of each row of ``magnitude`` (rows × k), float64: the entries of a
-    row ranked by increasing magnitude ρ = 0 … k−1, p = (density − ε) + 2ε·ρ/(k − 1) (p = density if
-    k = 1). Equal magnitudes: the lower column index ranks as the larger (NaN ranks as +inf)."""
-    rows, k = magnitude.shape
+def _ascending_columns(values: torch.Tensor, finite: bool = False) -> np.ndarray:
+    """Per row of ``values`` (rows × k), its column indices by increasing magnitude |x|; equal magnitudes:
+    the higher column first (so the lower column ranks as the larger); NaN as +inf. float32 by one
+    unstable sort of unique int64 keys (the bits of |x|, then the reversed column), several times faster
+    than a stable sort; other dtypes by numpy's stable sort of the reversed columns. ``finite``: the
+    caller knows there is no NaN."""
+    rows, k = values.shape
+    m = values.detach().cpu()
+    if not finite:
+        m = torch.nan_to_num(m.abs(), nan=math.inf)
+    if m.dtype == torch.float32:
+        keys = (m.contiguous().numpy().view(np.int32) & np.int32(0x7FFFFFFF)).astype(np.int64)  # bits of |x|
+        keys <<= 32
+        keys |= np.arange(k - 1, -1, -1, dtype=np.int64)
+        return np.argsort(keys, axis=1)
+    reversed_ = np.abs(m.double().numpy()[:, ::-1])
+    return (k - 1) - np.argsort(reversed_, axis=1, kind="stable")
+
+
+def magprune_probabilities(values: torch.Tensor, density: float, epsilon: float, finite: bool = False) -> torch.Tensor:
+    """DELLA's keep probabilities of each row of ``values`` (rows × k; magnitudes or the values
+    themselves), float64 on the CPU: the entries of a row ranked by increasing |x|, ρ = 0 … k−1,
+    p = (density − ε) + 2ε·ρ/(k − 1) (p = density if k = 1). Equal magnitudes: the lower column index
+    ranks as the larger (NaN as +inf)."""
+    rows, k = values.shape
     if k == 1:
-        return torch.full((rows, 1), float(density), dtype=torch.float64, device=magnitude.device)
-    size = torch.where(torch.isnan(magnitude), torch.full_like(magnitude, math.inf), magnitude)
-    order = torch.sort(size, dim=1, descending=True, stable=True).indices  # position q: 0 = largest
-    ascending = torch.arange(k - 1, -1, -1, dtype=torch.float64, device=magnitude.device).expand(rows, k)
-    rank = torch.empty(rows, k, dtype=torch.float64, device=magnitude.device).scatter_(1, order, ascending)
-    return ((float(density) - float(epsilon)) + rank / (k - 1) * (2.0 * float(epsilon))).clamp_(0.0, 1.0)
+        return torch.full((rows, 1), float(density), dtype=torch.float64)
+    by_rank = (float(density) - float(epsilon)) + np.arange(k, dtype=np.float64) / (k - 1) * (2.0 * float(epsilon))
+    np.clip(by_rank, 0.0, 1.0, out=by_rank)
+    p = np.empty((rows, k), dtype=np.float64)
+    np.put_along_axis(p, _ascending_columns(values, finite), by_rank[None, :], axis=1)
+    return torch.from_numpy(p)
 
 
 def magprune_seeds(n: int, generator: Optional[torch.Generator] = None) -> List[int]:
@@ -321,12 +341,12 @@ def pcg64_uniforms(seed: int, offset: int, count: int) -> np.ndarray:
     return raw[skip : skip + count]
 
 
-def magprune_keep(uniforms: np.ndarray, probabilities: torch.Tensor) -> torch.Tensor:
+def magprune_keep(uniforms: np.ndarray, probabilities) -> torch.Tensor:
     """m = u < round(p·2³²), elementwise (DARE's rule with a probability per entry), as a bool tensor of
-    the shape of ``probabilities``."""
-    thresholds = torch.round(probabilities.double().cpu() * 2.0**32).to(torch.int64)
-    u = torch.from_numpy(uniforms.astype(np.int64)).view(thresholds.shape)
-    return (u < thresholds).to(probabilities.device)
+    the shape of ``probabilities`` (on the CPU). u and round(p·2³²) are integers exact in float64."""
+    p = probabilities.detach().double().cpu().numpy() if isinstance(probabilities, torch.Tensor) else probabilities
+    keep = uniforms.reshape(p.shape) < np.rint(p * 2.0**32)
+    return torch.from_numpy(keep)
 
 
 def magprune(
@@ -351,7 +371,8 @@ def magprune(
             continue
         p = magprune_probabilities(task.abs(), densities[i], epsilons[i])
         keep = magprune_keep(pcg64_uniforms(seeds[i], 0, d * k), p)
-        kept = task / p.to(task.dtype) if divide else task
+        keep, p = keep.to(task.device), p.to(device=task.device, dtype=task.dtype)
+        kept = task / p if divide else task
         out[i] = torch.where(keep, kept, torch.zeros_like(task))
     return out
 
