@@ -161,8 +161,9 @@ def merge_lora(ctx: MergeContext, configs, slots):
     if isinstance(rule, ParameterRule):
         merged.update(_merge_parameters(ctx, configs, units, kind, rule))
         return configs[0], merged
-    if not rule.exact_target:
-        ctx.report.target = f"the dense {ctx.strategy.name} merge of the ΔWᵢ"
+    target = rule.target(ctx.strategy.name, ctx.options)
+    if target is not None:
+        ctx.report.target = target
     rank, alpha, tensors = _merge_updates(ctx, configs, units, rule)
     merged.update(tensors)
     ctx.report.rank, ctx.report.alpha = rank, alpha
@@ -404,7 +405,7 @@ def _warn_if_refactorisation_loses(ctx: MergeContext, rank: int, full: int, coun
     warn(
         f"combine_strategy='{ctx.strategy.name}' re-factorised the merged updates to rank {rank} ({how}) and lost "
         f"up to {worst:.3g} of them (relative error; {len(off)} of {len(modules)} modules above "
-        f"{REFACTOR_WARNING_THRESHOLD:g}): pruning and sign election make the dense merge high-rank. For more, "
+        f"{REFACTOR_WARNING_THRESHOLD:g}): {ctx.strategy.rule.truncation_cause(ctx.options)}. For more, "
         f"pass a larger svd_rank (up to {full}, the full rank), or svd_tol=0.05 for the smallest rank within 5% "
         "in every module."
     )

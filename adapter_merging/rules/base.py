@@ -67,8 +67,16 @@ class ModuleMerge:
 class DeltaWRule(Rule):
     """Merges the updates ΔWᵢ = sᵢ Bᵢ Aᵢ of one module, then stores the result as factors."""
 
-    #: whether the merged update is Σ λᵢ ΔWᵢ (the report's target) rather than a new dense target
+    #: whether the merged update is Σ λᵢ ΔWᵢ (the report's target) rather than a target of its own
     exact_target: bool = True
+
+    def target(self, strategy: str, options: Mapping[str, Any]) -> Optional[str]:
+        """What the report measures against, where it is not Σ λᵢ ΔWᵢ (None: it is)."""
+        return None if self.exact_target else f"the {strategy} merge of the ΔWᵢ, computed from their factors"
+
+    def truncation_cause(self, options: Mapping[str, Any]) -> str:
+        """Why truncating the merged update loses (said in the warning when it loses more than 10 %)."""
+        return "the merged update has a higher rank than the one asked"
 
     def decompose(
         self,

@@ -137,6 +137,17 @@ class TaskVectors(DeltaWRule):
             + ("rescale", "scale", "space", "svd_rank", "svd_tol")
         ))
 
+    def target(self, strategy, options):
+        space = options.get("space", FULL)
+        if space == FULL:
+            return f"the dense {strategy} merge of the ΔWᵢ"
+        return f"the {strategy} merge of the ΔWᵢ in {space} space"
+
+    def truncation_cause(self, options):
+        if options.get("space", FULL) == FULL:
+            return "pruning and sign election make the dense merge high-rank"
+        return "the merge in its space has rank up to Σ rᵢ"
+
     def merge_tasks(self, tasks: chunked.Tasks, weights, options, generator) -> torch.Tensor:
         """τ_m = scale · consensus(sparsify(τ), λ) of the stacked ``tasks`` (any merge space), in their dtype."""
         return chunked.merge(tasks, weights, self.sparsify.make(options), self.consensus.make(options), generator,
