@@ -15,6 +15,11 @@ Measured in one run, the floor and the merge interleaved ``--repeats`` times (me
   torch and adapters start-up included) and its peak resident memory, also net of an import-only run;
 * the merged adapter's largest relative error against the exact target, from the report.
 
+Runs (``--strategies``): ``lora_delta_w_svd``; ``ties`` (density 0.2, in full space: dense updates); and
+``ties_core``, the same ``ties`` with ``space="core"`` (Core Space, issue 18: the target is at most 2× the
+``lora_delta_w_svd`` time of the same run, reported as ``over_lora_delta_w_svd``; its floor is
+``lora_delta_w_svd``'s, the factored SVD).
+
     python -m benchmarks.bench_files_7b                 # prints the table
     python -m benchmarks.bench_files_7b --quick         # 2 layers: a smoke test (seconds)
     python -m benchmarks.bench_files_7b --save          # also → benchmarks/results/bench_files_7b.json
@@ -136,11 +141,13 @@ def peak_rss_mb(args: List[str]) -> Tuple[float, float]:
     return float(wall), float(peak)
 
 
-def cli(folders: List[Path], out: Path, strategy: str = "lora_delta_w_svd") -> Dict[str, float]:
+def cli(folders: List[Path], out: Path, run: str = "lora_delta_w_svd") -> Dict[str, float]:
     """The command line in a subprocess: wall time, peak resident memory, and the peak of the same
     process that only imports the package and exits (what Python, torch and adapters take)."""
+    strategy, options = RUNS[run]
+    flags = [part for name, value in options.items() for part in (f"--{name.replace('_', '-')}", str(value))]
     args = [sys.executable, "-m", "adapter_merging", *[f"{f}:{w}" for f, w in zip(folders, WEIGHTS)], "--no-normalize",
-            "-s", strategy, "-o", str(out), "-q"]
+            "-s", strategy, *flags, "-o", str(out), "-q"]
     wall, peak = peak_rss_mb(args)
     _, baseline = peak_rss_mb([sys.executable, "-c", "import adapter_merging.cli, adapter_merging.files"])
     return {"wall": wall, "peak_rss_mb": peak, "import_only_rss_mb": baseline, "extra_mb": peak - baseline}
@@ -170,8 +177,14 @@ def ties_floor(folders: List[Path], out: Path) -> Dict[str, float]:
     return timed_floor(folders, out, compute)
 
 
-#: the floor each strategy is compared with
-FLOORS = {"lora_delta_w_svd": floor, "ties": ties_floor}
+#: what each run merges: (combine_strategy, its options)
+RUNS = {
+    "lora_delta_w_svd": ("lora_delta_w_svd", {}),
+    "ties": ("ties", {}),
+    "ties_core": ("ties", {"space": "core"}),
+}
+#: the floor each run is compared with (Core Space's: the factored SVD, the work lora_delta_w_svd does)
+FLOORS = {"lora_delta_w_svd": floor, "ties": ties_floor, "ties_core": floor}
 
 
 def measure(layers: int, scale: int, repeats, strategies=("lora_delta_w_svd",), with_cli: bool = True,
@@ -196,8 +209,10 @@ def measure(layers: int, scale: int, repeats, strategies=("lora_delta_w_svd",), 
                 start = time.perf_counter()
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # ties' truncation warning is expected at rank Σ rᵢ
+                    name, options = RUNS[strategy]
                     report = merge_saved_adapters(folders, tmp / f"merged_{strategy}{repeat}", weights=WEIGHTS,
-                                                  combine_strategy=strategy, normalize_weights=False, progress=False)
+                                                  combine_strategy=name, normalize_weights=False, progress=False,
+                                                  **options)
                 merges.append(time.perf_counter() - start)
                 shutil.rmtree(tmp / f"floor_{strategy}{repeat}")
                 shutil.rmtree(tmp / f"merged_{strategy}{repeat}")
@@ -219,17 +234,19 @@ def measure(layers: int, scale: int, repeats, strategies=("lora_delta_w_svd",), 
                 result["cli"] = {k: round(v, 2) for k, v in cli(folders, tmp / f"cli_{strategy}", strategy).items()}
                 shutil.rmtree(tmp / f"cli_{strategy}")
             out[strategy] = result
+    if "ties_core" in out and "lora_delta_w_svd" in out:  # issue 18's target: at most 2×
+        out["ties_core"]["over_lora_delta_w_svd"] = round(out["ties_core"]["merge_s"] / out["lora_delta_w_svd"]["merge_s"], 2)
     return out
 
 
 def suite(quick: bool) -> dict:
-    """The benchmark suite's section (``python -m benchmarks.run``), in its own process: both strategies
-    on the 7B-shaped set (quick: 2 layers at 1/16 size, no command line)."""
+    """The benchmark suite's section (``python -m benchmarks.run``), in its own process: every run
+    (`RUNS`) on the 7B-shaped set (quick: 2 layers at 1/16 size, no command line)."""
     from benchmarks.common import log_to_stderr
 
     layers, scale = (2, 16) if quick else (32, 1)
-    measured = measure(layers, scale, 1 if quick else {"lora_delta_w_svd": 3, "ties": 2},
-                       ("lora_delta_w_svd", "ties"), with_cli=not quick, log=log_to_stderr)
+    measured = measure(layers, scale, 1 if quick else {"lora_delta_w_svd": 3, "ties": 2, "ties_core": 3},
+                       ("lora_delta_w_svd", "ties", "ties_core"), with_cli=not quick, log=log_to_stderr)
     measured["setup"] = {"layers": layers, "hidden_scale": scale, "rank": RANK, "alpha": ALPHA, "inputs": 3,
                          "weights": WEIGHTS, "modules_per_layer": list(SHAPES), "format": "PEFT (safetensors)"}
     return measured
@@ -266,6 +283,8 @@ def main() -> None:
               f"= {plain['total']:.2f} s (median of {args.repeats})")
         print(f"  merge   {got['merge_s']:.2f} s (median of {args.repeats}) = {got['merge_over_floor']:.2f}× the floor; "
               f"max relative error {got['max_error']:.2e}")
+        if "over_lora_delta_w_svd" in got:
+            print(f"          = {got['over_lora_delta_w_svd']:.2f}× lora_delta_w_svd's merge in this run (target ≤ 2×)")
         print(f"  CLI     {command['wall']:.2f} s wall (start-up included), peak RSS {command['peak_rss_mb']:.0f} MB, "
               f"of which {command['extra_mb']:.0f} MB above an import-only run")
     if strategies == ["lora_delta_w_svd"]:  # the committed file's schema: that strategy's numbers at the top level
