@@ -149,14 +149,14 @@ def files_section(result: Dict[str, Any]) -> List[str]:
         "",
     ]
     rows = []
-    for strategy in ("lora_delta_w_svd", "ties"):
+    for strategy in ("lora_delta_w_svd", "ties", "ties_core"):
         got = result.get(strategy)
         if not got:
             continue
         floor = got["floor_s"]
         cli = got.get("cli")
         rows.append([
-            f"`{strategy}`", seconds(got["merge_s"]),
+            "`ties`, `space=\"core\"`" if strategy == "ties_core" else f"`{strategy}`", seconds(got["merge_s"]),
             f"{seconds(floor['total'])} = {seconds(floor['read'])} + {seconds(floor['compute'])} + {seconds(floor['write'])}",
             format_ratio(got["merge_over_floor"]), scientific(got["max_error"]),
             f"{seconds(cli['wall'])}, {cli['extra_mb']:.0f} MB" if cli else "–",
@@ -167,6 +167,11 @@ def files_section(result: Dict[str, Any]) -> List[str]:
     if ties and not setup.get("hidden_scale", 1) > 1:
         lines += ["", f"Target (issue: the whole set with `ties` ≤ 3 minutes): {seconds(ties['merge_s'])} "
                   f"({met(ties['merge_s'] <= TARGET_7B_TIES_S)})."]
+    core = result.get("ties_core")
+    if core and "over_lora_delta_w_svd" in core:
+        lines += ["", f"Core Space (issue 18: `ties, space=\"core\"` ≤ 2× `lora_delta_w_svd` in the same run; its floor is "
+                  f"the factored SVD): {format_ratio(core['over_lora_delta_w_svd'])} "
+                  f"({met(core['over_lora_delta_w_svd'] <= 2)})."]
     lines += ["", "The `ties` error is against its own dense merge: re-factorising a pruned, sign-elected merge to rank "
               "48 loses that much of it (the report warns); `lora_delta_w_svd` is exact.", ""]
     return lines
