@@ -24,13 +24,12 @@ No d × k matrix is formed: the largest are the bases and the factors of the res
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
 from ..ops import chunked
-from .base import Factors, ModuleMerge
-from .exact import store_factored
+from .base import Factors
 
 
 def numerical_rank(singular_values: torch.Tensor, rows: int, cols: int) -> int:
@@ -77,23 +76,13 @@ def core_matrices(factors: Sequence[Factors], scalings: Sequence[float], u_b: to
     return torch.stack(cores)
 
 
-def merge_in_core_space(
-    merge_tasks,
-    factors: Sequence[Factors],
-    weights: Sequence[float],
-    scalings: Sequence[float],
-    scaling: float,
-    dtype: torch.dtype,
-    options: Mapping[str, Any],
-    generator: Optional[torch.Generator],
-) -> ModuleMerge:
-    """One module's merge in core space. ``merge_tasks(tasks, weights, options, generator)`` is the
-    rule's merge of a `chunked.Tasks` stack (`TaskVectors.merge_tasks`)."""
+def to_core_space(factors: Sequence[Factors], scalings: Sequence[float]) -> Tuple[chunked.Tasks, Callable]:
+    """The cores Mᵢ = U_Bᵀ sᵢBᵢAᵢ V_A as the rule's tasks, and the map from the merged core M to the
+    factors (U_B M, V_Aᵀ) of the update it defines (stored exactly by `store_factored`)."""
     b_cat, a_cat = stacked = stacks(factors)
     u_b, v_a = left_basis(b_cat), left_basis(a_cat.T)
     cores = core_matrices(factors, scalings, u_b, v_a, stacked)
-    merged = merge_tasks(chunked.DenseTasks(cores), weights, options, generator)
-    return store_factored((u_b @ merged, v_a.T), scaling, dtype, options)
+    return chunked.DenseTasks(cores), lambda merged: (u_b @ merged, v_a.T)
 
 
-__all__ = ["numerical_rank", "left_basis", "stacks", "core_bases", "core_matrices", "merge_in_core_space"]
+__all__ = ["numerical_rank", "left_basis", "stacks", "core_bases", "core_matrices", "to_core_space"]

@@ -21,14 +21,13 @@ space merges its updates); the largest matrices are the T parts of p × k (T tim
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Sequence, Tuple
 
 import torch
 
 from ..ops import chunked
-from .base import Factors, ModuleMerge
+from .base import Factors
 from .core_space import numerical_rank
-from .exact import store_factored
 
 
 def knots_parts(factors: Sequence[Factors], scalings: Sequence[float],
@@ -59,23 +58,13 @@ class Parts(chunked.DenseTasks):
         return torch.take(self.tasks[task], rows * self.shape[1] + cols)
 
 
-def merge_in_knots_space(
-    merge_tasks,
-    factors: Sequence[Factors],
-    weights: Sequence[float],
-    scalings: Sequence[float],
-    scaling: float,
-    dtype: torch.dtype,
-    options: Mapping[str, Any],
-    generator: Optional[torch.Generator],
-) -> ModuleMerge:
-    """One module's merge in KnOTS space. ``merge_tasks(tasks, weights, options, generator)`` is the
-    rule's merge of a `chunked.Tasks` stack (`TaskVectors.merge_tasks`)."""
-    # the parts are merged in the precision the full space uses: float64 inputs in float64, others in float32
+def to_knots_space(factors: Sequence[Factors], scalings: Sequence[float]) -> Tuple[chunked.Tasks, Callable]:
+    """The task parts diag(S)·Vᵢᵀ as the rule's tasks, and the map from the merged part P to the factors
+    (U, P) of the update it defines. The parts are merged in the precision the full space uses (float64
+    inputs in float64, others in float32); the SVD itself is float64."""
     compute = torch.float64 if factors[0][0].dtype == torch.float64 else torch.float32
     u, parts = knots_parts(factors, scalings, compute)
-    merged = merge_tasks(Parts(parts), weights, options, generator)
-    return store_factored((u, merged.to(torch.float64)), scaling, dtype, options)
+    return Parts(parts), lambda merged: (u, merged.to(torch.float64))
 
 
-__all__ = ["knots_parts", "Parts", "merge_in_knots_space"]
+__all__ = ["knots_parts", "Parts", "to_knots_space"]

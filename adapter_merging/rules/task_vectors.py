@@ -15,12 +15,15 @@ from ..ops import chunked
 from ..ops.dense_svd import dense_difference, dense_low_rank, squared_norm
 from ..ops.lowrank import LowRankSVD, split_and_measure
 from .base import DeltaWRule, Factors, ModuleMerge
-from .core_space import merge_in_core_space
-from .knots import merge_in_knots_space
+from .core_space import to_core_space
+from .exact import store_factored
+from .knots import to_knots_space
 
 #: the merge spaces of the task-vector rules (their ``space`` option)
 FULL, CORE, KNOTS = "full", "core", "knots"
 SPACES = (FULL, CORE, KNOTS)
+#: a merge space: the tasks' matrices in it, and the map from a merged one to its update's factors
+SPACE_MAPS = {CORE: to_core_space, KNOTS: to_knots_space}
 
 
 def check_space(space: Any) -> str:
@@ -155,10 +158,9 @@ class TaskVectors(DeltaWRule):
 
     def decompose(self, factors, weights, scalings, ranks, scaling, dtype, options, generator) -> ModuleMerge:
         space = options.get("space", FULL)
-        if space == CORE:
-            return merge_in_core_space(self.merge_tasks, factors, weights, scalings, scaling, dtype, options, generator)
-        if space == KNOTS:
-            return merge_in_knots_space(self.merge_tasks, factors, weights, scalings, scaling, dtype, options, generator)
+        if space != FULL:  # the rule merges the tasks' small matrices of that space; their update is stored exactly
+            tasks, factors_of = SPACE_MAPS[space](factors, scalings)
+            return store_factored(factors_of(self.merge_tasks(tasks, weights, options, generator)), scaling, dtype, options)
         compute = torch.float64 if factors[0][0].dtype == torch.float64 else torch.float32
         tasks = chunked.FactoredTasks(factors, scalings, compute)  # τᵢ = sᵢBᵢAᵢ, a chunk of rows at a time
         dense = self.merge_tasks(tasks, weights, options, generator)
