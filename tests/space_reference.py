@@ -177,3 +177,44 @@ class ShapeRecorder:
     @property
     def largest(self) -> int:
         return max(math.prod(s) for s in self.shapes)
+
+
+# the cases and inputs both spaces' tests run, and how they call a rule
+CASES = {
+    "ties-total": ("ties", {"density": 0.3}),
+    "ties-frequency": ("ties", {"density": 0.45, "majority_sign_method": "frequency"}),
+    "magnitude_prune": ("magnitude_prune", {"density": 0.27}),
+    "breadcrumbs": ("breadcrumbs", {"density": 0.4, "gamma": 0.05}),
+    "breadcrumbs_ties": ("breadcrumbs_ties", {"density": 0.35, "gamma": 0.1}),
+    "dare_linear": ("dare_linear", {"density": 0.6, "seed": 7}),
+    "dare_ties": ("dare_ties", {"density": 0.5, "seed": 3}),
+}
+# (d, k, ranks, scalings, weights): different ranks and scalings, negative weights
+INPUTS = {
+    "three": (40, 56, [2, 3, 5], [2.0, 1 / 3, 4.0], [0.7, -0.4, 0.5]),
+    "four-wide": (24, 70, [1, 4, 2, 3], [1.0, 0.5, 8.0, 2.0], [-1.0, 0.3, 0.9, 0.25]),
+}
+
+
+def merge_in(space, strategy, factors, scalings, weights, options, scaling=0.5, dtype=torch.float64):
+    """The strategy's rule on one module's factors in ``space`` (the `ModuleMerge`)."""
+    from adapter_merging.strategies import get_strategy
+
+    st = get_strategy(strategy)
+    parsed = st.parse_options(None, {**options, "space": space})
+    generator = torch.Generator().manual_seed(parsed["seed"]) if "seed" in parsed else None
+    ranks = [b.shape[1] for b, _ in factors]
+    return st.rule.decompose(factors, weights, scalings, ranks, scaling, dtype, parsed, generator)
+
+
+def stored_update(merge, scaling=0.5):
+    b, a = merge.stored
+    return scaling * (b.double() @ a.double()).numpy()
+
+
+def as_numpy(factors):
+    return [(b.numpy(), a.numpy()) for b, a in factors]
+
+
+def generator_for(options):
+    return torch.Generator().manual_seed(options["seed"]) if "seed" in options else None

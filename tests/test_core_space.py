@@ -17,6 +17,12 @@ from adapter_merging.rules import core_space
 from adapter_merging.strategies import STRATEGIES, get_strategy
 
 from space_reference import (
+    CASES,
+    INPUTS,
+    as_numpy,
+    generator_for,
+    merge_in,
+    stored_update,
     ShapeRecorder,
     core_reference,
     effective_update,
@@ -29,41 +35,13 @@ from space_reference import (
 
 SPACE = "core"
 TASK_VECTOR_STRATEGIES = ["ties", "dare_linear", "dare_ties", "magnitude_prune", "breadcrumbs", "breadcrumbs_ties"]
-CASES = {
-    "ties-total": ("ties", {"density": 0.3}),
-    "ties-frequency": ("ties", {"density": 0.45, "majority_sign_method": "frequency"}),
-    "magnitude_prune": ("magnitude_prune", {"density": 0.27}),
-    "breadcrumbs": ("breadcrumbs", {"density": 0.4, "gamma": 0.05}),
-    "breadcrumbs_ties": ("breadcrumbs_ties", {"density": 0.35, "gamma": 0.1}),
-    "dare_linear": ("dare_linear", {"density": 0.6, "seed": 7}),
-    "dare_ties": ("dare_ties", {"density": 0.5, "seed": 3}),
-}
-# (d, k, ranks, scalings, weights): different ranks and scalings, negative weights
-INPUTS = {
-    "three": (40, 56, [2, 3, 5], [2.0, 1 / 3, 4.0], [0.7, -0.4, 0.5]),
-    "four-wide": (24, 70, [1, 4, 2, 3], [1.0, 0.5, 8.0, 2.0], [-1.0, 0.3, 0.9, 0.25]),
-}
 
 
 def _merge(strategy, factors, scalings, weights, options, scaling=0.5, dtype=torch.float64, space=SPACE):
-    st = get_strategy(strategy)
-    parsed = st.parse_options(None, {**options, "space": space})
-    generator = torch.Generator().manual_seed(parsed["seed"]) if "seed" in parsed else None
-    ranks = [b.shape[1] for b, _ in factors]
-    return st.rule.decompose(factors, weights, scalings, ranks, scaling, dtype, parsed, generator)
+    return merge_in(space, strategy, factors, scalings, weights, options, scaling, dtype)
 
 
-def _update(merge, scaling=0.5):
-    b, a = merge.stored
-    return scaling * (b.double() @ a.double()).numpy()
-
-
-def _numpy(factors):
-    return [(b.numpy(), a.numpy()) for b, a in factors]
-
-
-def _generator(options):
-    return torch.Generator().manual_seed(options["seed"]) if "seed" in options else None
+_update, _numpy, _generator = stored_update, as_numpy, generator_for
 
 
 # =========================================================================== the definition
