@@ -223,12 +223,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         plan = plan_from_arguments(args)
     except UsageError as error:
         parser.error(str(error))
-    except ConfigError as error:  # a YAML's content: bad input, not bad usage
-        return _fail(error)
+    except ConfigError as error:  # a YAML's content: bad input, not bad usage; it names the file's keys, not flags
+        return _fail(error, shell_words=False)
     try:
         check_device(args.device)
-        if args.report and Path(args.report).is_dir():
-            raise ValueError(f"--report {args.report} is a folder: name the JSON file to write")
+        report_copy = check_report_path(args.report, plan, (plan.get("recipe_extra") or {}).get("config_file"))
     except ValueError as error:
         return _fail(error)
     from .files import REPORT_NAME, merge_saved_adapters
@@ -248,11 +247,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("adapter-merge: interrupted; nothing was written", file=sys.stderr)
         return 130
     except (ValueError, TypeError, OSError) as error:
-        return _fail(error)
-    if args.report:  # the same file as the output's merge_report.json
+        return _fail(error, default_strategy=None if args.strategy or "config_file" in (plan.get("recipe_extra") or {})
+                     else plan["strategy"])
+    if report_copy:  # the same file as the output's merge_report.json
         try:
-            Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(Path(plan["output"]) / REPORT_NAME, args.report)
+            write_copy(Path(plan["output"]) / REPORT_NAME, Path(args.report))
         except OSError as error:
             return _fail(f"merged into {plan['output']}, but --report {args.report} could not be written: {error}")
     if not args.quiet:
@@ -260,12 +259,50 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+def check_report_path(report: Optional[str], plan: Dict[str, Any], config_file: Optional[str] = None) -> bool:
+    """Refuse, before anything is written, a ``--report`` path that would overwrite an input (a file of an
+    input folder, the YAML, followed through symlinks) or a file of the output, or that is a folder. Returns
+    whether a copy is to be written: not when the path is the output's own ``merge_report.json``."""
+    if not report:
+        return False
+    path = Path(report).expanduser()
+    if path.is_dir():
+        raise ValueError(f"--report {report} is a folder: name the JSON file to write")
+    real = Path(os.path.realpath(path))
+    output = Path(os.path.realpath(Path(plan["output"]).expanduser()))
+    if real == output / "merge_report.json":  # REPORT_NAME: the merge writes that very file
+        return False
+    if real == output or output in real.parents:
+        raise ValueError(f"--report {report} lies in the output folder {plan['output']}, whose files the merge writes "
+                         f"(its own merge_report.json is there anyway): name a file outside it")
+    sources = [source for source in plan["inputs"] if os.path.exists(source)] + ([config_file] if config_file else [])
+    for source in sources:
+        protected = Path(os.path.realpath(source))
+        if real == protected or protected in real.parents:
+            via = f" (it resolves to {real})" if real != Path(os.path.abspath(path)) else ""
+            raise ValueError(f"--report {report} would write into the input {source}{via}: name a file outside the inputs")
+    return True
+
+
+def write_copy(source: Path, target: Path) -> None:
+    """Copy ``source`` to ``target`` through a temporary file renamed into place: a hard link or symlink at
+    ``target`` is replaced, never written through."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        shutil.copyfile(source, partial)
+        os.replace(partial, target)
+    finally:
+        if partial.exists():
+            partial.unlink()
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """adapter_merging's warnings as one line each; other libraries' notices are not shown."""
     from ._warnings import MergeWarning
 
     if issubclass(category, MergeWarning):
-        print(f"adapter-merge: warning: {_one_line(message)}", file=sys.stderr)
+        print(f"adapter-merge: warning: {for_the_shell(_one_line(message))}", file=sys.stderr)
 
 
 def _one_line(error: Any) -> str:
@@ -334,20 +371,28 @@ def for_the_shell(message: str) -> str:
 
     def option(match: "re.Match[str]") -> str:
         value = next((v for v in match.group(2, 3, 4) if v is not None), "")
-        return f"{FLAGS[match.group(1)]} {value}"
+        return f"{FLAGS[match.group(1)]} {value}" if value else FLAGS[match.group(1)]
 
     names = "|".join(SWITCHES)
     message = re.sub(rf"\b({names})(?:=(True|False)\b)?", switch, message)
-    message = re.sub(rf"\b({'|'.join(FLAGS)})=(?:'([^']*)'|\"([^\"]*)\"|([^\s,;:)]+))", option, message)
+    # a value is quoted, or runs to a space or punctuation (a sentence's final '.' is not part of it)
+    message = re.sub(rf"\b({'|'.join(FLAGS)})=(?:'([^']*)'|\"([^\"]*)\"|([^\s,;:)]*[^\s,;:).]))?", option, message)
+    message = re.sub(rf"'({'|'.join(FLAGS)})'", lambda match: f"'{FLAGS[match.group(1)]}'", message)  # ['--density']
     message = re.sub(rf"\b({'|'.join(name for name in FLAGS if '_' in name)})\b",
                      lambda match: FLAGS[match.group(1)], message)
     # "--force (--force on the command line)" → "--force"
     return re.sub(r"(--[\w-]+) \(\1(?: on the command line)?\)", r"\1", message)
 
 
-def _fail(error: Any) -> int:
-    """One line on stderr, in the shell's words; exit status 1."""
-    print(f"adapter-merge: error: {for_the_shell(_one_line(error))}", file=sys.stderr)
+def _fail(error: Any, shell_words: bool = True, default_strategy: Optional[str] = None) -> int:
+    """One line on stderr, in the shell's words (unless ``shell_words`` is False: a YAML's keys); exit status 1.
+    ``default_strategy``: the strategy the user did not choose (no --strategy), said as the default."""
+    line = _one_line(error)
+    if shell_words:
+        line = for_the_shell(line)
+    if default_strategy:
+        line = line.replace(f"--strategy {default_strategy}", f"the default --strategy {default_strategy}")
+    print(f"adapter-merge: error: {line}", file=sys.stderr)
     return 1
 
 
@@ -360,7 +405,7 @@ def _summary(report, output, seconds: float, asked: Optional[str] = None) -> str
         lines.append(f"  rank       {report.rank} (alpha {report.alpha:g})")
     if report.modules:
         lines.append(f"  error      max {report.max_error:.3g}, mean {report.mean_error:.3g} (relative, vs {report.target})")
-    lines += [f"  note       {note}" for note in report.notes]
+    lines += [f"  note       {for_the_shell(note)}" for note in report.notes]
     return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ configuration) and write the `MergeResult` back.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -337,6 +338,37 @@ class _Cast(Mapping):
     def dtype_of(self, slot: Slot) -> torch.dtype:
         own = dtype_of(self.tensors, slot)
         return self.dtype if own.is_floating_point else own
+
+
+def check_option_names(strategy: str, options: Any, chosen: str) -> None:
+    """Refuse options ``strategy`` does not take, naming the strategy as the front end's user chose it
+    (``chosen``, e.g. ``combine_strategy='linear' (lora_delta_w_svd for these adapters)``) and the strategies
+    that do take each option."""
+    from .strategies import strategies_with_option
+
+    known = get_strategy(strategy).option_names
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        takers = "; ".join(f"'{o}' is an option of {', '.join(strategies_with_option(o)) or 'no strategy'}" for o in unknown)
+        raise TypeError(f"Unknown option(s) {unknown} for {chosen}. Its options are: {', '.join(known) or 'none'}. "
+                        f"{takers}.")
+
+
+def full_weights_note(weights: Mapping[str, float], what: str, fix: str) -> Optional[str]:
+    """Heads (and PEFT's ``modules_to_save``) are full weights, merged as Σ λᵢ Wᵢ (``average_head``'s rule):
+    with Σ λᵢ ≠ 1 (task arithmetic, unlearning) that is a scaled head or a difference of heads, not a head.
+    Then warns (`MergeWarning`) and returns the report's note, which says so and what to do; else None."""
+    total = math.fsum(weights.values())
+    if math.isclose(total, 1.0, rel_tol=1e-6, abs_tol=1e-9):
+        return None
+    listing = ", ".join(f"{name}: {weight:+.4g}" for name, weight in weights.items())
+    note = (f"The {what} were merged as Σ λᵢ Wᵢ with weights summing to {total:.4g}, not 1 ({listing}): they are full "
+            "weights, not updates, so the result is that weighted sum (a difference for weights [1, -1], twice the "
+            f"average for [1, 1]), not an average. {fix}")
+    from ._warnings import warn
+
+    warn(note)
+    return note
 
 
 def check_finite(new_name: str, names: Sequence[str], inputs: Mapping[str, Tensors], merged: Tensors, kind: str) -> None:

@@ -22,7 +22,8 @@ Nothing here imports torch. Errors are `ConfigError`: one line naming the file, 
 from __future__ import annotations
 
 import math
-from numbers import Real
+import re
+from numbers import Integral, Real
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 #: mergekit 0.1.5's per-method defaults (its registry): (normalize, rescale); and the parameters each has
@@ -67,6 +68,15 @@ BOOLEANS = ("normalize", "rescale", "int8_mask")
 NUMBERS = ("weight", "density", "gamma", "epsilon", "lambda")
 #: mergekit 0.1.5's default epsilon of della and della_linear (per model)
 EPSILON_DEFAULT = 0.15
+#: parameters mergekit reads only from the global ``parameters:`` (its SHARED scope): under a model it ignores them
+GLOBAL_ONLY = ("normalize", "rescale", "lambda", "int8_mask")
+#: the ranges of the numbers a YAML gives (checked here, so that an error names the file and the key):
+#: key → (test, what the value must be)
+RANGES = {
+    "density": (lambda v: 0 < v <= 1, "a finite number in (0, 1]"),
+    "gamma": (lambda v: 0 <= v < 1, "a finite number in [0, 1)"),
+    "svd_tol": (lambda v: 0 < v < 1, "a finite number in (0, 1)"),
+}
 
 
 class ConfigError(ValueError):
@@ -112,13 +122,16 @@ def plan_from_config(data: Any, source: str) -> Dict[str, Any]:
             unsupported.append(f"`{key}` (unknown key)")
     allowed = method_parameters(method)
     shared = _mapping(data.get("parameters"), "parameters", source)
-    own = {k: shared.pop(k) for k in (list(shared) if ours else OWN_PARAMETERS) if k in shared and k not in
-           (OWN_METHOD_PARAMETERS if ours else ())}  # our method: every other key is an option of the strategy
+    own = {k: _own_value(k, shared.pop(k), source) for k in (list(shared) if ours else OWN_PARAMETERS)
+           if k in shared and k not in (OWN_METHOD_PARAMETERS if ours else ())}  # ours: every other key is an option
+    if own.get("svd_rank") is not None and own.get("svd_tol") is not None:
+        raise ConfigError(f"{source}: parameters: give svd_rank (a fixed rank) or svd_tol (the smallest rank within "
+                          "that relative error), not both.")
     globals_ = _values(shared, "parameters", allowed, method, source, unsupported)
     base_model = data.get("base_model")
     if base_model is not None and not isinstance(base_model, str):
         raise ConfigError(f"{source}: base_model must be a model id or folder (a string), got {base_model!r}.")
-    inputs, per_model = [], []
+    inputs, per_model, wheres = [], [], []
     base_weight = None
     for index, entry in enumerate(models):
         where = f"models[{index}]"
@@ -127,8 +140,15 @@ def plan_from_config(data: Any, source: str) -> Dict[str, Any]:
         extra = sorted(set(entry) - {"model", "parameters"})
         if extra:
             unsupported.append(f"{where}: {extra} (unknown key)")
-        values = _values(_mapping(entry.get("parameters"), f"{where}.parameters", source), f"{where}.parameters",
-                         allowed, method, source, unsupported)
+        given = _mapping(entry.get("parameters"), f"{where}.parameters", source)
+        global_only = [k for k in given if k in GLOBAL_ONLY and k in allowed]
+        if global_only:  # mergekit reads these from the global `parameters:` only, and ignores them under a model
+            listing = ", ".join(f"{where}.parameters.{k}" for k in global_only)
+            it = "it" if len(global_only) == 1 else "them"
+            raise ConfigError(f"{source}: {listing}: {'a global parameter' if it == 'it' else 'global parameters'} of "
+                              f"{method}, read only from the top-level `parameters:` (as mergekit does, which ignores "
+                              f"{it} under a model): move {it} there.")
+        values = _values(given, f"{where}.parameters", allowed, method, source, unsupported)
         if base_model is not None and entry["model"] == base_model:
             if method == "linear":  # mergekit's linear ignores the base: it is one more input, ΔW = 0
                 base_weight = values.get("weight", globals_.get("weight"))
@@ -138,6 +158,7 @@ def plan_from_config(data: Any, source: str) -> Dict[str, Any]:
             continue
         inputs.append(entry["model"])
         per_model.append(values)
+        wheres.append(f"{where}.parameters")
     if unsupported:
         raise ConfigError(f"{source}: not supported: " + "; ".join(unsupported) +
                           ". Give one number per key (per-layer lists and filters are not supported).")
@@ -152,6 +173,10 @@ def plan_from_config(data: Any, source: str) -> Dict[str, Any]:
     if missing:
         raise ConfigError(f"{source}: {', '.join(missing)} have no `weight` (mergekit requires one): give "
                           "`parameters: {weight: …}` to every model, or a global `parameters: {weight: …}`.")
+    for where, values in [("parameters", globals_)] + list(zip(wheres, per_model)):
+        for key, (valid, wanted) in RANGES.items():
+            if key in values and not valid(values[key]):
+                raise ConfigError(f"{source}: {where}.{key} must be {wanted}, got {values[key]!r}.")
     normalize_default, rescale_default = DEFAULTS[method] if not ours else (True, False)
     normalize = globals_.get("normalize")
     if normalize is None:
@@ -260,7 +285,48 @@ def _values(given: Mapping[str, Any], where: str, allowed, method: str, source: 
                 raise ConfigError(f"{source}: {where}.{key} must be true or false, got {value!r}"
                                   f"{' (a string)' if isinstance(value, str) else ''}.")
         elif isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-            raise ConfigError(f"{source}: {where}.{key} must be a finite number, got {value!r}"
-                              f"{' (a string)' if isinstance(value, str) else ''}.")
+            raise ConfigError(f"{source}: {where}.{key} must be a finite number, got {value!r}{_string_hint(value)}.")
         out[key] = value
     return out
+
+
+def _string_hint(value: Any) -> str:
+    """Why a YAML value is a string: PyYAML (YAML 1.1) reads ``1e-3`` as text, ``1.0e-3`` as a number."""
+    if not isinstance(value, str):
+        return ""
+    try:
+        float(value)
+    except ValueError:
+        return " (a string)"
+    match = re.fullmatch(r"\s*([-+]?[\d.]+)[eE]([-+]?\d+)\s*", value)
+    if match:  # YAML 1.1 needs a dot in the mantissa and a sign in the exponent
+        mantissa, exponent = match.groups()
+        written = f"{mantissa if '.' in mantissa else mantissa + '.0'}e{exponent if exponent[0] in '+-' else '+' + exponent}"
+        return f" (a string: YAML reads {value.strip()} as text; write {written})"
+    return " (a string)"
+
+
+def _own_value(key: str, value: Any, source: str) -> Any:
+    """One of our own global parameters (``svd_rank``, ``svd_tol``, ``seed``, ``majority_sign_method``), checked
+    here so that an error names the file and the key."""
+    where = f"{source}: parameters.{key}"
+    if value is None or key not in ("svd_rank", "seed", "svd_tol", "majority_sign_method"):
+        return value  # another option of our strategy: the strategy checks it
+    if key == "majority_sign_method":
+        from .strategy_names import SIGN_METHOD_NAMES
+
+        if value not in SIGN_METHOD_NAMES:
+            raise ConfigError(f"{where} must be one of {', '.join(SIGN_METHOD_NAMES)}, got {value!r}.")
+        return value
+    if key in ("svd_rank", "seed"):
+        if isinstance(value, bool) or not isinstance(value, Integral):
+            raise ConfigError(f"{where} must be {'a positive integer' if key == 'svd_rank' else 'an integer'}, "
+                              f"got {value!r}{_string_hint(value)}.")
+        if key == "svd_rank" and value < 1:
+            raise ConfigError(f"{where} must be a positive integer, got {value!r}.")
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise ConfigError(f"{where} must be a finite number, got {value!r}{_string_hint(value)}.")
+    if key in RANGES and not RANGES[key][0](value):
+        raise ConfigError(f"{where} must be {RANGES[key][1]}, got {value!r}.")
+    return float(value)

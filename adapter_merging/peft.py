@@ -46,7 +46,7 @@ import torch
 
 from ._progress import Progress, progress_reporter
 from ._warnings import warn
-from .engine import AdapterInput, merge
+from .engine import AdapterInput, check_option_names, full_weights_note, merge
 from .files.formats import Layout, merged_peft_fields, peft_adapter_input
 from .methods.heads import HeadConfig
 from .ops.weights import check_flag, split_names_and_weights
@@ -168,6 +168,11 @@ def add_weighted_adapter(
                                    common_fraction=common_fraction, epsilon=epsilon)
     if "majority_sign_method" in get_strategy(strategy).option_names or majority_sign_method != "total":
         options["majority_sign_method"] = majority_sign_method
+    if combination_type is None:
+        chosen = f"combination_type=None (PEFT's default for {peft_type}: adapter_merging's {strategy})"
+    else:
+        chosen = f"combination_type={combination_type!r}" + (f" (adapter_merging's {strategy})" if strategy != combination_type else "")
+    check_option_names(strategy, [k for k, v in options.items() if v is not None], chosen)
     inputs, layouts = zip(*(_read(root, n, c, peft_type) for n, c in zip(names, configs)))
     merged_layouts: Dict[str, Layout] = {}
     for own in layouts:
@@ -181,12 +186,17 @@ def add_weighted_adapter(
         finished()
     saved = _modules_to_save(root, names)
     heads = merge(saved, list(weights), "linear", False, name=adapter_name, kind="head") if saved else None
+    head_note = heads and full_weights_note(heads.report.weights, "modules_to_save", (
+        "For usable modules_to_save, merge them with weights summing to 1 into another adapter and copy them, or "
+        "keep one input's copy."))
     forward = [f for c in configs for f in (getattr(c, "feedforward_modules", None) or [])]
     fields = merged_peft_fields(peft_type, result, forward)
     _parameter_fields(fields, configs, merged_layouts, result)
     new_config = dataclasses.replace(copy.deepcopy(configs[0]), **{k: v for k, v in fields.items() if hasattr(configs[0], k)})
     if heads is None and getattr(new_config, "modules_to_save", None):
         result.report.notes.append("modules_to_save are not merged: not every input holds them.")
+    if head_note:
+        result.report.notes.append(head_note)
     with rollback_on_error(model):
         with torch.random.fork_rng(devices=[]):  # initialising the new adapter must not move the caller's RNG
             _add(model, root, adapter_name, new_config)

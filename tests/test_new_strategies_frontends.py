@@ -259,7 +259,7 @@ def test_an_option_the_strategy_does_not_take_is_refused_naming_its_options(setu
     no_space = next(s for s in ("tsv", "iso_c", "star", "iso_cts") if "space" not in STRATEGIES[s].option_names)
     with pytest.raises(TypeError, match=rf"Unknown option\(s\) \['space'\] for combine_strategy='{no_space}'"):
         model.average_adapter("bad", NAMES, weights=WEIGHTS, combine_strategy=no_space, space="core")
-    with pytest.raises(TypeError, match=r"Unknown option\(s\) \['eta'\] for combine_strategy='ties'"):
+    with pytest.raises(TypeError, match=r"Unknown option\(s\) \['eta'\] for combination_type='ties'"):
         add_weighted_adapter(peft, NAMES, WEIGHTS, "bad", combination_type="ties", eta=40.0)
     capsys.readouterr()
     inputs = [str(folder / n) for n in NAMES]

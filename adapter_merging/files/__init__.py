@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequen
 from .. import __version__
 from .._progress import Progress, progress_reporter
 from .._warnings import warn
-from ..engine import merge
+from ..engine import check_option_names, full_weights_note, merge
 from ..ops.weights import check_flag
 from ..report import MergeReport
 from ..strategies import CombineStrategy, SignMethod
@@ -133,11 +133,14 @@ def merge_saved_adapters(
         raise TypeError(f"notes must be a list of strings, got {notes!r}.")
     sources, weights = _sources_and_weights(inputs, weights)
     output = Path(os.fspath(output_dir)).expanduser()
-    name = name if name is not None else (output.name or Path(os.path.realpath(output)).name)
-    _check_name(name)
+    if name is not None:
+        _check_name(name)
     folders = [resolve_folder(source) for source in sources]
     check_distinct(folders)
     target = check_output(output, overwrite_ok, [folder for folder, _ in folders])
+    if name is None:  # the folder's name, '..' and '.' resolved ("d/a/.." is d), once the folder is known to be fine
+        name = Path(os.path.abspath(output)).name or target.name
+        _check_name(name)
     names = _input_names([given for _, given in folders])
     saved = [read_adapter(folder, n, given) for (folder, given), n in zip(folders, names)]
     formats = {item.format for item in saved}
@@ -161,6 +164,8 @@ def merge_saved_adapters(
                    space=space, eta=eta, common_fraction=common_fraction, epsilon=epsilon)
     options = {k: v for k, v in options.items() if v is not None}
     options.update(strategy_options)
+    resolved = f" ({combine_strategy} for these adapters)" if combine_strategy != asked else ""
+    check_option_names(combine_strategy, options, f"combine_strategy='{asked}'{resolved}")
     started = time.perf_counter()
     callback, finished = progress_reporter(progress)
     try:
@@ -176,6 +181,11 @@ def merge_saved_adapters(
     if with_head and len(with_head) == len(saved):
         head = merge([item.head for item in saved], weights, "linear", normalize_weights, name=name, kind="head",
                      out_dtype=torch_dtype)
+        what = "prediction heads" if saved[0].format == "adapters" else "modules_to_save"
+        head_note = full_weights_note(head.report.weights, what, (
+            f"For usable {what}, merge them separately with weights summing to 1, or leave them out (inputs saved "
+            "without them)."))
+        report.notes.extend([head_note] if head_note else [])
     elif with_head:
         what = "a prediction head" if saved[0].format == "adapters" else "modules_to_save"
         report.notes.append(
@@ -420,7 +430,7 @@ def model_card(recipe: Mapping[str, Any], report: MergeReport) -> str:
     strategy = STRATEGIES.get(resolved)
     lines = [f"# {recipe['name']}", ""]
     lines.append(
-        f"A {recipe['format']}-format adapter merged from {len(inputs)} saved adapters by "
+        f"{'An' if recipe['format'][:1] in 'aeiou' else 'A'} {recipe['format']}-format adapter merged from {len(inputs)} saved adapters by "
         f"adapter_merging {recipe['versions']['adapter_merging']}, "
         "with no base model loaded. `merge_report.json` beside this card holds the same recipe as JSON."
     )

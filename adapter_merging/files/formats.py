@@ -97,8 +97,14 @@ def read_adapters_format(folder: Path, name: str, source: str) -> SavedAdapter:
         raise InputError(f"{folder / CONFIG}: 'name' is {json.dumps(saved_name)}, but must be the adapter's name (a string).")
     try:
         config = AdapterConfig.load(metadata["config"])
-    except Exception as error:
-        raise InputError(f"{folder / CONFIG}: its configuration cannot be read by adapters ({error}).") from None
+    except Exception as error:  # a KeyError says only the key: say what is missing
+        if isinstance(error, KeyError):
+            why = f"'config' lacks the key {error.args[0]!r}" + (
+                ", which lists the members of an 'architecture': 'union' configuration" if error.args[0] == "configs" else "")
+        else:
+            why = _one_line(error) or type(error).__name__
+        raise InputError(f"{folder / CONFIG}: its configuration cannot be read by adapters ({why}): correct the file, "
+                         "or re-save the adapter.") from None
     check_adapters_config(folder / CONFIG, config)
     weights_file = first_existing(folder, ADAPTERS_WEIGHTS)
     if weights_file is None:
@@ -114,6 +120,10 @@ def read_adapters_format(folder: Path, name: str, source: str) -> SavedAdapter:
         saved.head = AdapterInput(name, HeadConfig(str(head.get("head_type", "head")), dict(head)), head_tensors)
         saved.head_file, saved.head_metadata = head_file, head_metadata
     return saved
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
 
 
 def check_adapters_config(path: Path, config) -> None:
@@ -330,7 +340,8 @@ def _check_conv_groups(weights_file: Path, weights: LazyFile, slots: Mapping[Slo
 def check_peft_config(path: Path, metadata: Dict[str, Any]) -> None:
     """Refuse a PEFT configuration this library would misread, one line naming the file and the key:
     ``r`` and ``lora_alpha`` must be numbers (r a positive integer), ``rank_pattern`` / ``alpha_pattern``
-    dicts of valid regular expressions to such numbers, ``use_rslora`` a bool. ``modules_to_save`` /
+    dicts of valid regular expressions to such numbers, ``use_rslora``, ``use_dora``, ``lora_bias`` and
+    ``fan_in_fan_out`` booleans (or null). ``modules_to_save`` /
     ``target_modules`` given as one string mean that one name (``modules_to_save: "lm_head"`` is
     ``["lm_head"]``, and is written back as a list: PEFT would match every letter of a string)."""
 
@@ -359,8 +370,9 @@ def check_peft_config(path: Path, metadata: Dict[str, Any]) -> None:
                     ) from None
                 if not valid(value):
                     raise refuse(f"{key}[{json.dumps(pattern)}]", value, wanted)
-        if "use_rslora" in metadata and not isinstance(metadata["use_rslora"], bool) and metadata["use_rslora"] is not None:
-            raise refuse("use_rslora", metadata["use_rslora"], "true or false")
+    for key in ("use_rslora", "use_dora", "lora_bias", "fan_in_fan_out"):  # a string "false" is not false
+        if metadata.get(key) is not None and not isinstance(metadata[key], bool):
+            raise refuse(key, metadata[key], "true or false")
     for key in ("modules_to_save", "target_modules", "feedforward_modules"):
         value = metadata.get(key)
         if key == "modules_to_save" and isinstance(value, str):
