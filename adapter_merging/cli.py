@@ -247,8 +247,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("adapter-merge: interrupted; nothing was written", file=sys.stderr)
         return 130
     except (ValueError, TypeError, OSError) as error:
-        return _fail(error, default_strategy=None if args.strategy or "config_file" in (plan.get("recipe_extra") or {})
-                     else plan["strategy"])
+        config_file = (plan.get("recipe_extra") or {}).get("config_file")
+        if config_file:  # a YAML's merge: its keys, not flags, and the file named
+            return _fail(f"{config_file}: {_one_line(error)}", shell_words=False)
+        return _fail(error, default_strategy=None if args.strategy else plan["strategy"])
     if report_copy:  # the same file as the output's merge_report.json
         try:
             write_copy(Path(plan["output"]) / REPORT_NAME, Path(args.report))
@@ -380,6 +382,11 @@ def for_the_shell(message: str) -> str:
     message = re.sub(rf"'({'|'.join(FLAGS)})'", lambda match: f"'{FLAGS[match.group(1)]}'", message)  # ['--density']
     message = re.sub(rf"\b({'|'.join(name for name in FLAGS if '_' in name)})\b",
                      lambda match: FLAGS[match.group(1)], message)
+    # a validation message or a list of options that starts with a bare name: "eta must …", "Its options are: eta, …"
+    message = re.sub(rf"(^|: )({'|'.join(FLAGS)}) must\b", lambda match: f"{match.group(1)}{FLAGS[match.group(2)]} must",
+                     message)
+    message = re.sub(r"(options are: )([\w, -]+)", lambda match: match.group(1) + ", ".join(
+        FLAGS.get(item.strip(), item.strip()) for item in match.group(2).split(",")), message)
     # "--force (--force on the command line)" → "--force"
     return re.sub(r"(--[\w-]+) \(\1(?: on the command line)?\)", r"\1", message)
 

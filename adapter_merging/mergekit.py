@@ -87,8 +87,11 @@ def method_parameters(method: str) -> Tuple[str, ...]:
     """The parameters mergekit 0.1.5 gives ``method`` (global or per model)."""
     if method == "linear":
         return ("weight", "normalize")
-    if own_method(method):
-        return OWN_METHOD_PARAMETERS
+    if own_method(method):  # ours: weight per model, normalize, and density/gamma where the strategy takes them
+        from .strategies import get_strategy
+
+        takes = get_strategy(method).option_names
+        return ("weight", "normalize") + tuple(k for k in ("density", "gamma") if k in takes)
     gamma = ("gamma",) if method.startswith("breadcrumbs") else ()
     epsilon = ("epsilon",) if method.startswith("della") else ()
     return ("weight", "density", "normalize", "rescale", "lambda", "int8_mask") + gamma + epsilon
@@ -141,7 +144,8 @@ def plan_from_config(data: Any, source: str) -> Dict[str, Any]:
         if extra:
             unsupported.append(f"{where}: {extra} (unknown key)")
         given = _mapping(entry.get("parameters"), f"{where}.parameters", source)
-        global_only = [k for k in given if k in GLOBAL_ONLY and k in allowed]
+        global_only = [k for k in given if (k in GLOBAL_ONLY and k in allowed) or (ours and k not in allowed
+                                                                                    and k in _strategy_options(method))]
         if global_only:  # mergekit reads these from the global `parameters:` only, and ignores them under a model
             listing = ", ".join(f"{where}.parameters.{k}" for k in global_only)
             it = "it" if len(global_only) == 1 else "them"
@@ -252,6 +256,12 @@ def plan_from_config(data: Any, source: str) -> Dict[str, Any]:
         return plan
     plan["options"].update(own)
     return plan
+
+
+def _strategy_options(method: str) -> Tuple[str, ...]:
+    from .strategies import get_strategy
+
+    return get_strategy(method).option_names
 
 
 def _own_methods() -> List[str]:

@@ -339,3 +339,31 @@ def test_bad_name_error_on_the_command_line(work):
     result = shell("a", "b", "-o", "out", "--name", "x.y", cwd=work)
     assert result.returncode == 1
     assert one_line(result.stderr).endswith("got 'x.y': pass another --name.")
+
+
+# --- the LoRA-native strategies' errors, said in the words of where they were given ------------------
+
+def test_option_lists_and_validation_messages_name_flags_on_the_command_line():
+    assert for_the_shell("Unknown option(s) ['density'] for --strategy star. Its options are: eta, svd_rank, "
+                         "svd_tol.") == ("Unknown option(s) ['--density'] for --strategy star. Its options are: "
+                                         "--eta, --svd-rank, --svd-tol.")
+    assert for_the_shell("eta must lie in (0, 100], got 0.") == "--eta must lie in (0, 100], got 0."
+
+
+def test_a_yaml_merges_errors_name_the_file_and_its_keys_not_flags(work):
+    (work / "iso.yaml").write_text("merge_method: iso_cts\nparameters: {common_fraction: 0}\nmodels:\n"
+                                   "  - {model: a, parameters: {weight: 1.0}}\n  - {model: b, parameters: {weight: 1.0}}\n")
+    line = one_line(shell("iso.yaml", "out", "-q", cwd=work).stderr)
+    assert line.startswith("adapter-merge: error: iso.yaml: common_fraction must") and "--" not in line
+    assert not (work / "out").exists()
+
+
+def test_a_yaml_option_of_our_strategy_under_a_model_is_said_to_be_global():
+    config = {"merge_method": "star", "models": [{"model": "a", "parameters": {"weight": 1.0, "eta": 50}},
+                                                 {"model": "b", "parameters": {"weight": 1.0}}]}
+    with pytest.raises(ConfigError, match=r"models\[0\]\.parameters\.eta: a global parameter of star.*move it there"):
+        plan_from_config(config, "star.yaml")
+    config["models"][0]["parameters"] = {"weight": 1.0, "density": 0.5}  # star takes no density
+    with pytest.raises(ConfigError, match=r"models\[0\]\.parameters\.density \(not a parameter of star: it has "
+                                          r"weight, normalize\)"):
+        plan_from_config(config, "star.yaml")
