@@ -246,6 +246,61 @@ def import_section(result: Dict[str, Any]) -> List[str]:
     return lines + table(["case", "time", "torch / adapters / transformers loaded"], rows) + [""]
 
 
+def lowrank_section(result: Dict[str, Any]) -> List[str]:
+    setup = result["setup"]
+    baseline = setup["baseline"]
+    lines = [f"Each method's rule (`decompose`, the per-module entry point) on one {setup['d']} × {setup['k']} "
+             f"module with {' and with '.join(str(n) for n in setup['counts'])} LoRA adapters of r {setup['r']}: "
+             "seeded random float32 factors, scalings "
+             f"{setup['scalings'][:max(setup['counts'])]}, weights {setup['weights'][:max(setup['counts'])]} (the "
+             f"first n of each), density {setup['options']['ties, core']['density']}, seed 0, stored in float32. "
+             f"Time: best (median) of {setup['repeats']} rounds after a warm-up round, the methods taking turns (full-space "
+             f"`ties`: once); ratio of the best times to `{baseline}` at the exact rank on the same inputs (target ≤ "
+             f"{setup['target_ratio']:g}×). Peak: resident "
+             "memory above the call's start (allocations over "
+             f"{setup['mmap_threshold'] // 2**20} MiB returned to the system when freed), next to the inputs' factors; "
+             "largest: the largest tensor any torch operation of the call returned. Error: the stored update "
+             f"against a dense float64 implementation of the method's definition at {setup['error_d']} × "
+             f"{setup['error_k']} (same recipe), float64 factors stored in float64 / the float32 factors stored in "
+             "float32; full-space `ties` is truncated to Σ rᵢ, its optimal error in brackets.", ""]
+    checks = []
+    for n, case in result["cases"].items():
+        times, memory, errors = case.get("timings", {}), case.get("memory", {}), case.get("errors", {})
+        lines += [f"**{n} adapters** (factors {case['factors_mb']:.1f} MB, one dense d × k float32 matrix "
+                  f"{case['dense_mb']:.0f} MB):", ""]
+        for name, part in (("time", times), ("memory", memory), ("error", errors)):
+            if not ok(part):
+                lines += [f"{name}: {status(part)}", ""]
+        base = times[baseline]["seconds"] if ok(times) else None
+        rows = []
+        for label in setup["methods"]:
+            t = times.get(label) if ok(times) else None
+            m = memory.get(label) if ok(memory) else None
+            e = errors.get(label) if ok(errors) else None
+            ratio = t["seconds"] / base if t and base else None
+            error = "–"
+            if e:
+                error = f"{scientific(e['error_float64'])} / {scientific(e['error_float32'])}"
+                if e.get("optimal_error") is not None:
+                    error = f"{number(e['error_float32'])} ({number(e['optimal_error'])})"
+            rows.append([
+                f"`{label}`", f"{seconds(t['seconds'])} ({seconds(t.get('median_s'))})" if t else "–",
+                format_ratio(ratio) if ratio is not None else "–",
+                f"{megabytes(m['peak_extra_mb'])} ({m['peak_extra_mb'] / case['factors_mb']:.1f}×)" if m else "–",
+                f"{m['largest_tensor_mb']:.1f} MB {' × '.join(map(str, m['largest_tensor_shape']))}" if m else "–",
+                str(t["rank"]) if t else "–", error,
+            ])
+            if ratio is not None and label != baseline and not label.endswith(", full"):
+                checks.append((n, label, ratio))
+        lines += table(["method", "time (median)", f"/ `{baseline}`", "peak extra (× factors)", "largest tensor", "rank",
+                        "error vs dense definition (f64 / f32)"], rows) + [""]
+    over = [f"`{label}` with {n} adapters ({format_ratio(ratio)})" for n, label, ratio in checks
+            if ratio > setup["target_ratio"]]
+    lines += [f"Target ≤ {setup['target_ratio']:g}× `{baseline}` for the factor-space methods: "
+              + (met(True) + " by every one." if not over else f"{met(False)} by " + ", ".join(over) + "."), ""]
+    return lines
+
+
 SECTIONS: Dict[str, tuple] = {
     "task_vectors": ("Task-vector strategies on one layer", task_vectors_section, "task_vectors.png"),
     "lora_layer": ("LoRA delta-W SVD on one layer", lora_layer_section, "lora_layer.png"),
@@ -253,6 +308,7 @@ SECTIONS: Dict[str, tuple] = {
     "bottleneck": ("Bottleneck adapters, linear merge", bottleneck_section, None),
     "scaling": ("Scaling with the number of adapters and the rank", scaling_section, "scaling.png"),
     "refactorisation": ("Re-factorisation accuracy", refactorisation_section, "refactorisation.png"),
+    "lowrank": ("LoRA-native methods against lora_delta_w_svd", lowrank_section, None),
     "import": ("Start-up: import and --help", import_section, None),
 }
 

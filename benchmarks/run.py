@@ -5,7 +5,7 @@
     python -m benchmarks.run --only task_vectors,scaling
     python -m benchmarks.run --publish         # full run, and replace the committed results (see below)
 
-Sections (``--only``): refactorisation, task_vectors, lora_layer, files_7b, bottleneck, scaling, import;
+Sections (``--only``): refactorisation, task_vectors, lora_layer, files_7b, bottleneck, scaling, lowrank, import;
 ``benchmarks/README.md`` says what each measures.
 
 A run writes ``results.json``, ``results.md`` (tables, the machine and the date) and PNG plots into
@@ -37,6 +37,7 @@ SECTIONS = {
     "files_7b": ("bench_files_7b", "suite", 5400),
     "bottleneck": ("bottleneck", "run", None),
     "scaling": ("scaling", "run", None),
+    "lowrank": ("lowrank_methods", "run", None),
     "import": ("import_time", "run", None),
 }
 SECTION_NAMES = tuple(SECTIONS)

@@ -80,6 +80,23 @@ def test_files_bottleneck_scaling_refactorisation_numbers(quick_run):
     assert all(r["excess"] > -1e-6 for r in refactor)
 
 
+def test_lowrank_numbers(quick_run):
+    from benchmarks import lowrank_methods
+
+    section = quick_run[2]["sections"]["lowrank"]
+    assert list(section["cases"]) == ["3", "8"]
+    for case in section["cases"].values():
+        assert all(case[part]["status"] == "ok" for part in ("timings", "memory", "errors")), case
+        for label in lowrank_methods.METHODS:
+            timing, memory, error = case["timings"][label], case["memory"][label], case["errors"][label]
+            assert timing["seconds"] > 0 and timing["rank"] >= 1 and memory["peak_extra_mb"] >= 0
+            assert memory["largest_tensor_mb"] > 0
+            if label == "ties, full":  # a truncation: at least the optimal error, and close to it
+                assert error["optimal_error"] - 1e-9 <= error["error_float64"] <= error["optimal_error"] * 1.01 + 1e-9
+            else:  # the dense float64 definition, to rounding
+                assert error["error_float64"] < 1e-9 and error["error_float32"] < 1e-5, (label, error)
+
+
 def test_page_and_plots(quick_run):
     _, out, results, _ = quick_run
     page = (out / "results.md").read_text(encoding="utf-8")
