@@ -310,7 +310,14 @@ SECTIONS: Dict[str, tuple] = {
     "refactorisation": ("Re-factorisation accuracy", refactorisation_section, "refactorisation.png"),
     "lowrank": ("LoRA-native methods against lora_delta_w_svd", lowrank_section, None),
     "import": ("Start-up: import and --help", import_section, None),
+    "quality": ("Merge quality on real tasks", lambda result: quality_section(result), "quality.png"),
 }
+
+
+def quality_section(result: Dict[str, Any]) -> List[str]:
+    from benchmarks.quality.report import lines
+
+    return lines(result)
 
 
 def markdown(results: Dict[str, Any], image_prefix: str = "", command: str = "python -m benchmarks.run") -> str:
@@ -367,6 +374,12 @@ def plots(results: Dict[str, Any], folder: Path) -> Dict[str, str]:
         figure.savefig(folder / name, dpi=110, bbox_inches="tight")
         plt.close(figure)
         made[key] = name
+    quality = results["sections"].get("quality")
+    if quality and quality.get("status", "ok") == "ok":
+        from benchmarks.quality.report import plot
+
+        plot(quality, folder / SECTIONS["quality"][2])
+        made["quality"] = SECTIONS["quality"][2]
     return made
 
 

