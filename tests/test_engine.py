@@ -14,7 +14,7 @@ from adapter_merging.methods.heads import HeadConfig
 from adapter_merging.rules import DROP_AND_RESCALE, SUM, DeltaWRule, ParameterRule, TaskVectors
 from adapter_merging.state import Slot
 from adapter_merging.strategies import (
-    CONVENTION, DENSITY, NORMALIZE, RESCALE, SCALE, SEED, SVD_RANK, SVD_TOL, Strategy, register_strategy,
+    CONVENTION, DENSITY, NORMALIZE, RESCALE, SCALE, SEED, SPACE, SVD_RANK, SVD_TOL, Strategy, register_strategy,
 )
 from conftest import randomize_adapter, tiny_adapter_model
 
@@ -151,7 +151,7 @@ def test_every_strategy_has_a_rule():
 def test_a_strategy_without_an_implementation_cannot_be_declared():
     with pytest.raises(TypeError, match="needs a rule"):
         Strategy("nothing", frozenset({"lora"}), "declared but not implemented", None)
-    with pytest.raises(TypeError, match=r"undeclared option\(s\) \['convention', 'density', 'normalize', 'rescale', 'scale', 'seed', 'svd_rank', 'svd_tol'\]"):
+    with pytest.raises(TypeError, match=r"undeclared option\(s\) \['convention', 'density', 'normalize', 'rescale', 'scale', 'seed', 'space', 'svd_rank', 'svd_tol'\]"):
         Strategy("half", frozenset({"lora"}), "reads options it does not declare", TaskVectors(DROP_AND_RESCALE, SUM))
 
 
@@ -159,7 +159,7 @@ def test_a_new_task_vector_strategy_is_one_declaration():
     """Sparsification × consensus: a new pair needs no branch in any method module."""
     name = "dare_sum_for_test"
     register_strategy(Strategy(name, frozenset({"lora"}), "DARE × sum", TaskVectors(DROP_AND_RESCALE, SUM),
-                               options=(DENSITY, SEED, CONVENTION, NORMALIZE, SCALE, RESCALE, SVD_RANK, SVD_TOL)))
+                               options=(DENSITY, SEED, CONVENTION, NORMALIZE, SCALE, RESCALE, SPACE, SVD_RANK, SVD_TOL)))
     try:
         inputs = [lora_input("a", 0), lora_input("b", 1)]
         options = {"density": 0.5, "seed": 3}
