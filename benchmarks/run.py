@@ -5,7 +5,7 @@
     python -m benchmarks.run --only task_vectors,scaling
     python -m benchmarks.run --publish         # full run, and replace the committed results (see below)
 
-Sections (``--only``): refactorisation, task_vectors, lora_layer, files_7b, bottleneck, scaling, lowrank, import;
+Sections (``--only``): refactorisation, task_vectors, lora_layer, files_7b, bottleneck, scaling, lowrank, import, quality;
 ``benchmarks/README.md`` says what each measures.
 
 A run writes ``results.json``, ``results.md`` (tables, the machine and the date) and PNG plots into

@@ -47,7 +47,7 @@ def lines(result: Dict[str, Any]) -> List[str]:
            "`lora_delta_w_concat` and the svd_rank rows at task arithmetic's λ; other options at their defaults; "
            "scores on test. Normalised accuracy: merged / individual "
            f"accuracy per task, then averaged; mean ± std over seeds. Section wall time {result['wall_s'] / 60:.1f} min "
-           f"({setup['torch_threads']} torch threads; load average {result['load_average_at_start'][0]:.1f} at the "
+           f"({setup['settings'].get('processes', 1)} process(es) of {setup['torch_threads']} torch thread(s), the seeds in parallel; load average {result['load_average_at_start'][0]:.1f} at the "
            f"start, {result['load_average_at_end'][0]:.1f} at the end).", "",
            "**Tasks** (every one balanced: chance 50 %):", ""]
     out += _table(["task", "data", "train", "validation", "test"],
