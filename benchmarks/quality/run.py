@@ -25,7 +25,7 @@ from benchmarks.quality.train import Recipe, encode, load_model, train_all
 #: sum_lams None: the task-vector rules that sum use the λ task arithmetic chose
 FULL = {"tasks": list(TASK_NAMES), "per_class": 250, "seeds": [0, 1, 2], "processes": 3, "steps": 12,
         "batch_size": 64, "lr": 6e-3,
-        "lams": [0.25, 0.5, 1.0], "sum_lams": None, "ties_lams": [1.0], "densities": [0.2, 0.5],
+        "lams": [0.25, 0.5, 1.0], "sum_lams": None, "ties_lams": [0.25, 0.5, 1.0], "densities": [0.2, 0.5],
         "negative_lams": [1.0, 2.0]}
 #: --quick (the suite's smoke run): 2 tasks, tiny sizes, a few variants
 QUICK_ONLY = ("simple average", "lora_delta_w_concat", "ties (core)", "tsv")
@@ -157,6 +157,9 @@ def publish(results: Dict[str, Any], command: str) -> List[Path]:
     from benchmarks.common import RESULTS_DIR, ROOT
     from benchmarks.quality import report
 
+    import re
+
+    command = re.sub(r" --out \S+", "", command)  # the run's own folder is no part of the published copy
     section = results["sections"]["quality"]
     if section.get("status", "ok") != "ok":
         raise RuntimeError(f"the quality section did not finish ({section.get('status')}): nothing published")
