@@ -35,6 +35,30 @@ def dense_and_chunked(name, tasks, weights, density=0.3, gamma=0.05, method="tot
 STRATEGIES = ["ties", "magnitude_prune", "breadcrumbs", "dare_linear", "dare_ties", "task_arithmetic"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def sampled_selection():
+    """Every test here selects by the sample's brackets, as large tasks do (small dense tasks are otherwise
+    selected over all their entries: `test_small_dense_tasks_are_selected_in_full_with_the_same_result`)."""
+    saved = chunked.SELECT_IN_FULL_BELOW
+    chunked.SELECT_IN_FULL_BELOW = 0
+    yield
+    chunked.SELECT_IN_FULL_BELOW = saved
+
+
+@pytest.mark.parametrize("name", ["ties", "magnitude_prune", "breadcrumbs"])
+def test_small_dense_tasks_are_selected_in_full_with_the_same_result(name, monkeypatch):
+    """The exact selection over every entry (small dense tasks: KnOTS' parts) gives bit for bit the masks
+    of the sampled brackets, ties in magnitude included (entries rounded to a coarse grid)."""
+    tasks = torch.round(torch.randn(3, 60, 70, generator=torch.Generator().manual_seed(5)) * 8) / 8
+    _, sampled = dense_and_chunked(name, tasks, WEIGHTS, density=0.3, gamma=0.05)
+    monkeypatch.setattr(chunked, "SELECT_IN_FULL_BELOW", 1 << 22)
+    calls = []
+    original = chunked._select_in_full
+    monkeypatch.setattr(chunked, "_select_in_full", lambda *a: calls.append(a) or original(*a))
+    dense, in_full = dense_and_chunked(name, tasks, WEIGHTS, density=0.3, gamma=0.05)
+    assert calls and torch.equal(in_full, sampled) and torch.equal(in_full, dense)
+
+
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of a few rows and a small sample, so that every path runs on small tensors."""
