@@ -9,8 +9,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -23,22 +21,9 @@ from adapter_merging.cli import for_the_shell
 from adapter_merging.files import InputError, merge_saved_adapters
 from adapter_merging.mergekit import ConfigError, plan_from_config
 from conftest import randomize_adapter, tiny_adapter_model
+from test_cli_usage import one_line, shell
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def shell(*args, cwd: Path) -> subprocess.CompletedProcess:
-    """``python -m adapter_merging ARGS`` in a fresh interpreter, as a user runs it."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-m", "adapter_merging", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
-def one_line(stderr: str) -> str:
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("adapter-merge: error: "), stderr
-    return lines[0]
 
 
 def hashes(folder: Path) -> dict:
