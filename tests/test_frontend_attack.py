@@ -23,7 +23,6 @@ from adapter_merging.mergekit import ConfigError, plan_from_config
 from conftest import randomize_adapter, tiny_adapter_model
 from test_cli_usage import one_line, shell
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def hashes(folder: Path) -> dict:
