@@ -21,6 +21,7 @@ from adapters import ConfigUnion
 from .methods import METHODS
 from .methods.base import Method, MergeContext, dtype_of
 from .ops import resolve_weights
+from .ops.weights import default_weights, has_module_weights, module_name, resolve_module_weights
 from .ops.linear import result_dtype
 from .report import MergeReport
 from .state import Slot
@@ -75,7 +76,8 @@ def merge(
 ) -> MergeResult:
     """Merge ``inputs`` into one adapter (or head, ``kind="head"``) called ``name``.
 
-    ``weights`` as in ``average_adapter``: None (1/N), one per input, or a dict by input name;
+    ``weights`` as in ``average_adapter``: None (1/N), one per input, or a dict by input name; an input's
+    weight may be a dict ``{module name or glob: number}`` with a ``"*"`` default (`resolve_module_weights`);
     ``options`` are the strategy's options (``svd_tol``, ``density``, …). ``progress(done, total)`` is
     called as modules are merged. ``out_dtype``: the dtype the merged floating tensors are stored in
     (None: the inputs', the widest where they differ); the merge is computed from the inputs as they are
@@ -83,7 +85,10 @@ def merge(
     NaN and ±inf before a rule sees it. Raises ValueError/TypeError naming the problem and the fix; nothing
     is changed anywhere, so a failure needs no undo."""
     names = [item.name for item in inputs]
-    resolved = resolve_weights(names, weights, normalize_weights, kind=kind)
+    per_module = has_module_weights(weights)
+    # per-module weights: the defaults first (the report's weights); each module's once the modules are known
+    resolved = resolve_weights(names, default_weights(names, weights, kind) if per_module else weights,
+                               normalize_weights, kind=kind)
     strategy = get_strategy(combine_strategy)
     report = MergeReport(name, strategy.name, dict(resolved), kind=kind)
     parsed = strategy.parse_options(svd_rank, dict(options or {}), report.notes)
@@ -94,13 +99,18 @@ def merge(
     tensors = promote_dtypes(names, tensors, report, out_dtype)
     slots = set().union(*(set(tensors[n]) for n in names))  # methods may store a unit differently per input
     owners = _assign_slots(parts[0], slots)
+    module_weights: Dict[str, List[float]] = {}
+    if per_module:
+        resolved, module_weights = resolve_module_weights(
+            names, weights, normalize_weights, [module_name(s) for s in slots], kind=kind)
+        report.module_weights = {m: dict(zip(names, ws)) for m, ws in module_weights.items()}
     generator = torch.Generator().manual_seed(parsed["seed"]) if "seed" in parsed else None
     ctx = MergeContext(
         names, [w for _, w in resolved], tensors, strategy, parsed, report, generator,
         module_ranks={i.name: dict(i.module_ranks) for i in inputs},
         module_scalings={i.name: dict(i.module_scalings) for i in inputs},
         progress=_counter({slot.prefix for slot in slots}, progress) if progress else None,
-        out_dtype=out_dtype,
+        out_dtype=out_dtype, module_weights=module_weights,
     )
     new_parts, merged = [], {}
     for j, part in enumerate(parts[0]):

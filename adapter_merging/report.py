@@ -56,6 +56,9 @@ class MergeReport:
     dtype: Optional[str] = None
     #: what was merged: "adapter" or "head"
     kind: str = "adapter"
+    #: per-module weights, {module: {input: λ}}, for the modules whose weights differ from ``weights``
+    #: (each input's default: its number, or its ``"*"`` entry)
+    module_weights: Dict[str, Dict[str, float]] = field(default_factory=dict)
 
     def add(
         self,
@@ -84,6 +87,8 @@ class MergeReport:
         """One paragraph: the merge, the errors over modules, and every note."""
         weights = ", ".join(f"{n}: {w:+.4g}" for n, w in self.weights.items())
         text = f"'{self.adapter_name}' = {self.combine_strategy}({weights})"
+        if self.module_weights:
+            text += f" with other weights in {len(self.module_weights)} modules (report.module_weights)"
         if self.rank is not None:
             text += f", rank {self.rank}"
         if self.modules:

@@ -19,7 +19,7 @@ from .. import __version__
 from .._progress import Progress, progress_reporter
 from .._warnings import warn
 from ..engine import check_option_names, full_weights_note, merge
-from ..ops.weights import check_flag
+from ..ops.weights import check_flag, default_weights, has_module_weights
 from ..report import MergeReport
 from ..strategies import CombineStrategy, SignMethod
 from ..strategy_names import Space
@@ -179,7 +179,9 @@ def merge_saved_adapters(
     head = None
     with_head = [item for item in saved if item.head is not None]
     if with_head and len(with_head) == len(saved):
-        head = merge([item.head for item in saved], weights, "linear", normalize_weights, name=name, kind="head",
+        head_weights = (default_weights([item.head.name for item in saved], weights, "head")  # heads: the defaults
+                        if has_module_weights(weights) else weights)
+        head = merge([item.head for item in saved], head_weights, "linear", normalize_weights, name=name, kind="head",
                      out_dtype=torch_dtype)
         what = "prediction heads" if saved[0].format == "adapters" else "modules_to_save"
         head_note = full_weights_note(head.report.weights, what, (
@@ -243,7 +245,7 @@ def _checked_extra(extra: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
 
 _RECIPE_KEYS = frozenset({
     "inputs", "combine_strategy", "combine_strategy_asked", "normalize_weights", "svd_rank", "options", "head_merged",
-    "linear_lora", "base_model", "allow_different_bases",
+    "linear_lora", "base_model", "allow_different_bases", "module_weights",
 })
 
 
@@ -406,6 +408,7 @@ def _recipe(saved: List[SavedAdapter], report: MergeReport, strategy, normalize,
             "svd_rank": svd_rank,
             "options": options,
             "head_merged": head is not None,
+            **({"module_weights": report.module_weights} if report.module_weights else {}),
         },
         "versions": versions,
         "machine": {"python": platform.python_version(), "system": platform.system()},

@@ -1,12 +1,13 @@
 """What every method module shares: the merge context, the linear rule over slots, and `Method`."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from ..ops import linear_combination
+from ..ops.weights import module_name
 from ..report import MergeReport
 from ..state import Slot
 from ..strategies import Strategy
@@ -37,6 +38,23 @@ class MergeContext:
     #: the dtype the merged tensors are stored in (None: the inputs'); merges are computed from the
     #: inputs as stored and measured as stored in this dtype
     out_dtype: Optional[torch.dtype] = None
+    #: per-module weights {module name (`module_name`): [λᵢ]} where they differ from ``weights``
+    module_weights: Dict[str, List[float]] = field(default_factory=dict)
+
+    def weights_at(self, module: str) -> List[float]:
+        """The weights λᵢ of one module (a slot's `module_name`): its own, or the adapter's."""
+        return self.module_weights.get(module, self.weights)
+
+    def every_weights(self) -> List[List[float]]:
+        """The adapter's weights and every module's own (for checks over the whole merge)."""
+        return [self.weights, *self.module_weights.values()]
+
+    def at_module(self, module: str) -> "MergeContext":
+        """This context with one module's weights as ``weights`` (report, progress and per-module results
+        shared with this one)."""
+        if not self.module_weights:
+            return self
+        return replace(self, weights=list(self.weights_at(module)), module_weights={})
 
     def advance(self, module: str) -> None:
         if self.progress is not None:
@@ -75,7 +93,8 @@ def linear_merge(ctx: MergeContext, slots: Sequence[Slot], weights_for: Optional
                 f"The inputs' tensors {slot.key('<name>')} have different shapes ({listing}): they were trained on "
                 "different base models or with different configurations, and cannot be merged."
             )
-        value = linear_combination(tensors, weights_for(slot.param, ctx.weights) if weights_for else ctx.weights)
+        weights = ctx.weights_at(module_name(slot))
+        value = linear_combination(tensors, weights_for(slot.param, weights) if weights_for else weights)
         merged[slot] = value.to(ctx.stored_dtype(value.dtype))
         ctx.advance(slot.prefix)
     return merged

@@ -235,15 +235,18 @@ def _merge_parameters(ctx: MergeContext, configs, units, kind: str, rule: Parame
     """``linear`` and ``lora_linear_only_negate_b``: the rule on the parameters themselves, module by
     module; IA³ merges its deviation from identity. Reports and warns for ``linear``'s cross-terms."""
     linear = ctx.strategy.name == "linear" and kind in _CROSS_TERM_FAMILIES
-    if linear and not any(w > 0 for w in ctx.weights) and any(w < 0 for w in ctx.weights):
-        raise ValueError(_only_negative_error(kind, ctx.weights))
+    for weights in ctx.every_weights():
+        if linear and not any(w > 0 for w in weights) and any(w < 0 for w in weights):
+            raise ValueError(_only_negative_error(kind, weights))
     if kind in _PARTLY_MEASURED:
         ctx.report.target = (
             f"Σ λᵢ sᵢBᵢAᵢ, the low-rank part only ({_PARTLY_MEASURED[kind]} are merged linearly and not measured)"
         )
     measured = len(ctx.report.modules)
     merged: Dict[Slot, torch.Tensor] = {}
+    whole = ctx
     for prefix, unit in units.items():
+        ctx = whole.at_module(prefix)  # this module's weights
         _check_same_module_shape(ctx, configs, prefix)
         out = linear_merge(ctx, unit, rule.weights_for)
         by_param = {s.param: s for s in unit}
@@ -256,9 +259,10 @@ def _merge_parameters(ctx: MergeContext, configs, units, kind: str, rule: Parame
         if (rank, scale) != (int(configs[0]["r"]), scaling(configs[0])):
             ctx.merged_modules[prefix] = (rank, scale)
         merged.update(out)
+    ctx = whole
     if linear and kind in _MEASURED_FAMILIES:
         _warn_if_linear_is_off(kind, ctx.report.modules[measured:])
-    elif linear and _mixed_signs(ctx.weights):  # not measured: the update is not s·B·A
+    elif linear and any(_mixed_signs(w) for w in ctx.every_weights()):  # not measured: the update is not s·B·A
         warn(_cross_term_text(kind))
     return merged
 
@@ -341,7 +345,8 @@ def _merge_updates(ctx: MergeContext, configs, units, rule: DeltaWRule) -> Tuple
         for prefix in units
     }
     all_scalings = [s for _, scalings in per_module.values() for s in scalings]
-    new_scaling = merged_scaling(all_scalings, ctx.weights * max(1, len(per_module)))
+    new_scaling = merged_scaling(all_scalings, [w for prefix in per_module for w in ctx.weights_at(prefix)]
+                                 if per_module else ctx.weights)
     merges: Dict[Tuple[Slot, Slot], List[ModuleMerge]] = {}
     for prefix, slots in units.items():
         a_slot = next(s for s in slots if s.param == "lora_A")
@@ -353,7 +358,7 @@ def _merge_updates(ctx: MergeContext, configs, units, rule: DeltaWRule) -> Tuple
             raise ValueError(f"The inputs fuse different numbers of projections at '{prefix}': check attn_matrices.")
         _check_module_shapes(ctx.names, prefix, groups)
         merges[(a_slot, b_slot)] = [
-            rule.decompose([g[j] for g in groups], ctx.weights, scalings, ranks, new_scaling, dtype, ctx.options, ctx.generator)
+            rule.decompose([g[j] for g in groups], ctx.weights_at(prefix), scalings, ranks, new_scaling, dtype, ctx.options, ctx.generator)
             for j in range(len(groups[0]))
         ]
         ctx.advance(prefix)

@@ -15,6 +15,7 @@ from adapters import PrefixTuningConfig
 from adapters.methods.modeling import Activation_Function_Class
 
 from ..ops import compute_dtype, linear_combination
+from ..ops.weights import module_name
 from ..state import Slot
 from .base import Method, group_by, linear_merge
 
@@ -54,7 +55,7 @@ def merge_prefixes(ctx, configs, slots):
         shapes = {tuple(p.shape) for p in prefixes}
         if len(shapes) > 1:
             raise ValueError(f"Prefixes at '{location}' have different sizes {sorted(shapes)}: check prefix_length.")
-        merged[unit[0].replace_param(f"{location}.{FLAT_PARAM}")] = linear_combination(prefixes, ctx.weights)
+        merged[unit[0].replace_param(f"{location}.{FLAT_PARAM}")] = linear_combination(prefixes, ctx.weights_at(module_name(unit[0])))
     return configs[0].replace(flat=True), merged
 
 

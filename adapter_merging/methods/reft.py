@@ -31,6 +31,7 @@ import torch
 from adapters import ReftConfig
 
 from ..ops import linear_combination
+from ..ops.weights import module_name
 from .base import Method, linear_merge
 
 ORIGINAL = "projection.parametrizations.weight.original"
@@ -127,7 +128,7 @@ def merge_refts(ctx, configs, slots):
     merged = linear_merge(ctx, plain)
     for slot in [s for s in slots if s.param.endswith(ORIGINAL)]:
         base_slot = slot.replace_param(slot.param[: -len(ORIGINAL)] + BASE)
-        original, base = merge_projection(ctx.inputs(slot), ctx.inputs(base_slot), ctx.weights)
+        original, base = merge_projection(ctx.inputs(slot), ctx.inputs(base_slot), ctx.weights_at(module_name(slot)))
         device = ctx.inputs(slot)[0].device
         merged[slot], merged[base_slot] = original.to(device), base.to(device)
     return configs[0], merged

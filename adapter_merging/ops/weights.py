@@ -1,6 +1,7 @@
 """Merge weights: from what the user passed to one validated ``[(name, weight), ...]`` list."""
 from __future__ import annotations
 
+import fnmatch
 import math
 from collections.abc import Set
 from numbers import Real
@@ -165,3 +166,128 @@ def _plain(value: Any) -> Any:
         return value.item() if hasattr(value, "item") else value
     except (TypeError, ValueError):
         return value
+
+
+# ----------------------------------------------------------------------------- per-module weights
+#: the key of a per-module weights dict that gives the adapter's default weight (required)
+DEFAULT_KEY = "*"
+
+
+def module_name(slot) -> str:
+    """The module a slot belongs to, as the merge report and per-module weights name it: the slot's
+    module path (``bert.encoder.layer.0.attention.self.query``), or, for tensors stored outside the
+    model's modules (Compacter's shared PHM parameters, heads, prefix tuning's prefixes), their
+    container (``shared_parameters``, ``heads``, ``prefix_tunings``)."""
+    return slot.prefix or slot.container
+
+
+def has_module_weights(weights: Any) -> bool:
+    """Whether ``weights`` (a list, a dict by name, or None) gives some input per-module weights (a dict)."""
+    values = weights.values() if isinstance(weights, Mapping) else (weights if isinstance(weights, (list, tuple)) else ())
+    return any(isinstance(v, (Mapping, Set)) for v in values)
+
+
+def default_weights(names: Sequence[str], weights: Any, kind: str = "adapter") -> list:
+    """Each input's default weight: its number, or the ``"*"`` entry of its per-module dict (checked by
+    `resolve_module_weights`). Used where a merge has no modules to weight (heads)."""
+    names, weights = split_names_and_weights(names, weights, kind)
+    if weights is None:
+        return None
+    if len(weights) != len(names):
+        raise ValueError(
+            f"Got {len(weights)} weights for {len(names)} {kind}s ({list(names)}): "
+            f"pass exactly one weight (or per-module dict) per {kind}, or a dict {{name: weight}}."
+        )
+    for name, weight in zip(names, weights):
+        _check_spec_shape(name, weight, kind)
+    return [w[DEFAULT_KEY] if isinstance(w, Mapping) else w for w in weights]
+
+
+def _check_spec_shape(name: str, weight: Any, kind: str) -> None:
+    """A per-module weights dict: keyed by non-empty strings, with ``"*"``; no sets."""
+    if isinstance(weight, Set):
+        raise TypeError(
+            f"The weight of {kind} '{name}' is a {type(weight).__name__}: pass a number, or a dict "
+            f"{{module name or pattern: number}} with a '{DEFAULT_KEY}' entry (its default weight)."
+        )
+    if not isinstance(weight, Mapping):
+        return
+    for key in weight:
+        if not isinstance(key, str) or not key:
+            raise TypeError(
+                f"The per-module weights of {kind} '{name}' must be keyed by module names or glob patterns "
+                f"(non-empty strings), got the key {key!r}."
+            )
+    if DEFAULT_KEY not in weight:
+        raise ValueError(
+            f"The per-module weights of {kind} '{name}' have no '{DEFAULT_KEY}' entry: add '{DEFAULT_KEY}': <number>, "
+            "the weight of the modules no other entry matches."
+        )
+
+
+def resolve_module_weights(
+    names: Sequence[str] | Mapping[str, Any],
+    weights: Any,
+    normalize_weights: bool,
+    modules: Sequence[str],
+    kind: str = "adapter",
+) -> tuple[list[tuple[str, float]], dict[str, list[float]]]:
+    """``[(name, default λᵢ)]`` and ``{module: [λᵢ of that module]}`` for the modules whose weights differ
+    from the defaults.
+
+    Each input's weight is a number, or a dict ``{module name or pattern: number}`` with a required
+    ``"*"`` entry (the input's default). Patterns are shell-style globs (``fnmatch``, case-sensitive:
+    ``*`` any characters dots included, ``?`` one, ``[...]`` a set) over the module names of the report
+    (`module_name`). For a module: an entry naming it exactly wins; else the first pattern in the dict's
+    order that matches it; else ``"*"``. A pattern that matches no module is an error.
+    ``normalize_weights`` normalises per module: λᵢ,m = wᵢ,m / Σⱼ wⱼ,m (the defaults likewise among
+    themselves)."""
+    check_flag("normalize_weights", normalize_weights)
+    names, weights = split_names_and_weights(names, weights, kind)
+    if weights is None or not has_module_weights(weights):
+        return resolve_weights(names, weights, normalize_weights, kind), {}
+    if len(weights) != len(names):
+        raise ValueError(
+            f"Got {len(weights)} weights for {len(names)} {kind}s ({list(names)}): "
+            f"pass exactly one weight (or per-module dict) per {kind}, or a dict {{name: weight}}."
+        )
+    modules = sorted(set(modules))
+    specs = [_module_spec(name, weight, modules, kind) for name, weight in zip(names, weights)]
+    defaults = resolve_weights(names, [s[DEFAULT_KEY] for s in specs], normalize_weights, kind)
+    plain = [w for _, w in defaults]
+    table: dict[str, list[float]] = {}
+    for module in modules:
+        raw = [_weight_of(spec, module) for spec in specs]
+        try:
+            values = [w for _, w in resolve_weights(names, raw, normalize_weights, kind)]
+        except ValueError as error:
+            raise ValueError(f"In module '{module}': {error} (normalize_weights=True normalises per module.)") from None
+        if values != plain:
+            table[module] = values
+    return defaults, table
+
+
+def _module_spec(name: str, weight: Any, modules: Sequence[str], kind: str) -> dict:
+    """One input's weight as ``{key: float}`` with ``"*"``, every pattern checked to match a module."""
+    _check_spec_shape(name, weight, kind)
+    if not isinstance(weight, Mapping):
+        return {DEFAULT_KEY: _real_weight(weight, f"{kind} '{name}'")}
+    spec = {}
+    for key, value in weight.items():
+        spec[key] = _real_weight(value, f"{kind} '{name}' in '{key}'")
+        if key != DEFAULT_KEY and not any(fnmatch.fnmatchcase(m, key) for m in modules):
+            shown = ", ".join(modules[:4]) + (" …" if len(modules) > 4 else "")
+            raise ValueError(
+                f"The per-module weight pattern '{key}' of {kind} '{name}' matches no module of the merge. Patterns "
+                f"are shell-style globs (fnmatch) over module names such as {shown}; see report.modules."
+            )
+    return spec
+
+
+def _weight_of(spec: Mapping[str, float], module: str) -> float:
+    if module in spec:
+        return spec[module]
+    for key, value in spec.items():
+        if key != DEFAULT_KEY and fnmatch.fnmatchcase(module, key):
+            return value
+    return spec[DEFAULT_KEY]
