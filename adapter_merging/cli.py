@@ -20,7 +20,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from . import __version__
 from .strategy_names import SIGN_METHOD_NAMES, SPACE_NAMES, STRATEGY_NAMES

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import re
 from numbers import Integral, Real
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Tuple
 
 #: mergekit 0.1.5's per-method defaults (its registry): (normalize, rescale); and the parameters each has
 DEFAULTS: Dict[str, Tuple[bool, bool]] = {

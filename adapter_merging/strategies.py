@@ -34,7 +34,7 @@ from .rules.della import MAGPRUNE
 from .rules.star import DEFAULT_ETA, SpectralTruncation
 from .rules.tsv import TaskSingularVectors
 from .rules.iso import IsoC, IsoCTS
-from .strategy_names import CombineStrategy, SignMethod  # the names live without torch, for the CLI
+from .strategy_names import CombineStrategy, SignMethod  # noqa: F401 (re-exported: the names live without torch, for the CLI)
 
 #: Families of adapters, as named in errors and docs.
 FAMILY_DESCRIPTIONS: Dict[str, str] = {
@@ -235,15 +235,23 @@ GAMMA = Option("gamma", 0.01, _gamma, "fraction of largest magnitudes dropped (b
 SEED = Option("seed", 0, _seed, "seed of the random drop mask (same seed, same result)")
 
 
-def _common_fraction(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a number in (0, 1], got {value!r}.")
-    if not 0 < value <= 1:  # NaN fails this too
-        raise ValueError(
-            f"{name} must lie in (0, 1]: the fraction of the merged update's exact rank given to the common "
-            f"subspace (1 is Iso-C), got {value}."
-        )
-    return float(value)
+def _in_range(high: float, what: str, why: str) -> Callable[[str, Any], float]:
+    """A validator of a number in (0, ``high``]: TypeError for a value that is not a number, ValueError
+    (saying ``why`` the range is what it is) for one outside it, NaN included."""
+
+    def validate(name: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, Real):
+            raise TypeError(f"{name} must be a number in (0, {high:g}]{what}, got {value!r}.")
+        if not 0 < value <= high:  # NaN fails this too
+            raise ValueError(f"{name} must lie in (0, {high:g}]: {why}, got {value}.")
+        return float(value)
+
+    return validate
+
+
+_common_fraction = _in_range(
+    1, "", "the fraction of the merged update's exact rank given to the common subspace (1 is Iso-C)"
+)
 
 
 COMMON_FRACTION = Option(
@@ -289,15 +297,10 @@ SPACE = Option(
 
 
 
-def _eta(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a number in (0, 100] (a percentage of each update's nuclear norm), got {value!r}.")
-    if not 0 < value <= 100:  # NaN fails this too
-        raise ValueError(
-            f"{name} must lie in (0, 100]: the percentage of each update's nuclear norm that the kept singular "
-            f"values reach (100 keeps every one), got {value}."
-        )
-    return float(value)
+_eta = _in_range(
+    100, " (a percentage of each update's nuclear norm)",
+    "the percentage of each update's nuclear norm that the kept singular values reach (100 keeps every one)",
+)
 
 
 ETA = Option(

@@ -13,7 +13,10 @@ from importlib import metadata
 import platform
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Union
+
+if TYPE_CHECKING:
+    import torch
 
 from .. import __version__
 from .._progress import Progress, progress_reporter

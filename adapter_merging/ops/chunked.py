@@ -37,7 +37,6 @@ from .task_vectors import (
     per_task_gamma,
     rank_window,
     unpack_bits,
-    check_gamma,
     check_sign_method,
     disjoint_merge,
     elect_sign,

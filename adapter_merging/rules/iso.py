@@ -107,6 +107,14 @@ def _empty(factors: Sequence[Factors], scaling: float, dtype: torch.dtype) -> Mo
     return ModuleMerge(stored, 0.0, 0.0, 0.0, 0.0, 0, exact=True)
 
 
+def _sum_in_cores(factors, weights, scalings):
+    """(Q_B, Q_A, the tasks' cores, the rounding floor, the SVD of the sum of the cores, the exact rank of
+    Σ λᵢ sᵢ Bᵢ Aᵢ): what Iso-C and Iso-CTS both start from."""
+    q_b, q_a, cores, floor = _cores(factors, [w * s for w, s in zip(weights, scalings)])
+    svd = torch.linalg.svd(sum(cores), full_matrices=False)
+    return q_b, q_a, cores, floor, svd, int((svd.S > floor).sum())
+
+
 @dataclass(frozen=True)
 class IsoC(DeltaWRule):
     """Iso-C: M = Σ λᵢ sᵢ Bᵢ Aᵢ = U S Vᵀ (exact, from the factors), S replaced by its mean over the
@@ -116,9 +124,7 @@ class IsoC(DeltaWRule):
     option_names = ("svd_rank", "svd_tol")
 
     def decompose(self, factors, weights, scalings, ranks, scaling, dtype, options, generator) -> ModuleMerge:
-        q_b, q_a, cores, floor = _cores(factors, [w * s for w, s in zip(weights, scalings)])
-        u, s, vh = torch.linalg.svd(sum(cores), full_matrices=False)
-        n = int((s > floor).sum())
+        q_b, q_a, cores, floor, (u, s, vh), n = _sum_in_cores(factors, weights, scalings)
         if n == 0:
             return _empty(factors, scaling, dtype)
         return _store_isotropic(
@@ -136,9 +142,7 @@ class IsoCTS(DeltaWRule):
     option_names = ("common_fraction", "svd_rank", "svd_tol")
 
     def decompose(self, factors, weights, scalings, ranks, scaling, dtype, options, generator) -> ModuleMerge:
-        q_b, q_a, cores, floor = _cores(factors, [w * s for w, s in zip(weights, scalings)])
-        u, s, vh = torch.linalg.svd(sum(cores), full_matrices=False)
-        n = int((s > floor).sum())
+        q_b, q_a, cores, floor, (u, s, vh), n = _sum_in_cores(factors, weights, scalings)
         if n == 0:
             return _empty(factors, scaling, dtype)
         tasks = [c for c in cores if float(torch.linalg.matrix_norm(c)) > floor]
