@@ -14,11 +14,8 @@ Every merged adapter is checked against an INDEPENDENT reference computed here:
 """
 from __future__ import annotations
 
-import copy
 import math
-import re
 from fractions import Fraction
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,6 +27,7 @@ from adapter_merging.rules import task_vectors as lora_method  # where the re-fa
 from adapter_merging.ops.dense_svd import dense_low_rank
 
 from conftest import randomize_adapter, tiny_adapter_model
+from lora_native_helpers import effective_updates
 
 TASK_VECTOR_STRATEGIES = ["ties", "dare_linear", "dare_ties", "magnitude_prune", "breadcrumbs"]
 
@@ -68,24 +66,7 @@ def _lora_modules(model, name):
     return sorted(n[: -len(key)] for n, _ in model.named_parameters() if n.endswith(key))
 
 
-def _effective_updates(model, path, names):
-    """{name: ΔW (out × in, float64)} the LoRA layer at ``path`` applies for each adapter, measured
-    through the layer's forward pass on the identity input, in a float64 copy of the layer."""
-    module = model.get_submodule(path)
-    k = module.in_features
-    x = torch.eye(k, dtype=torch.float64).unsqueeze(0)
-    saved = model.adapters_config.active_setup
-    try:
-        with torch.no_grad():
-            model.set_active_adapters(None)
-            base = copy.deepcopy(module).double()(x)[0]
-            out = {}
-            for name in names:
-                model.set_active_adapters(name)
-                out[name] = (copy.deepcopy(module).double()(x)[0] - base).T.contiguous()
-    finally:
-        model.adapters_config.active_setup = saved
-    return out
+_effective_updates = effective_updates  # measured through the layer's forward pass (lora_native_helpers)
 
 
 def _blocks(model, path, matrix):
