@@ -22,6 +22,8 @@ _LAZY = {
     "average_head": ".model_mixin",
     "ModelMixin": ".model_mixin",
     "merge_saved_adapters": ".files",
+    "learn_weights": ".learn",
+    "LearnedWeights": ".learn",
     "MergeReport": ".report",
     "ModuleReport": ".report",
     "STRATEGIES": ".strategies",
@@ -34,6 +36,7 @@ _LAZY = {
 
 if _TYPE_CHECKING:  # type checkers and IDEs see the names as if imported here
     from .files import merge_saved_adapters
+    from .learn import LearnedWeights, learn_weights
     from .model_mixin import ModelMixin, average_adapter, average_head, init
     from .report import MergeReport, ModuleReport
     from .strategies import STRATEGIES, Strategy, get_strategy, strategies_for
@@ -60,6 +63,8 @@ __all__ = [
     "average_adapter",
     "average_head",
     "merge_saved_adapters",
+    "learn_weights",
+    "LearnedWeights",
     "ModelMixin",
     "CombineStrategy",
     "SignMethod",
