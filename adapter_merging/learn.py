@@ -542,6 +542,9 @@ class _Front:
         return next(self.model.parameters()).device
 
     def freeze(self) -> None:
+        """Every parameter frozen and every module in eval mode (no dropout: the objective is a function of λ
+        alone); the run's checkpoint restores both."""
+        self.model.eval()  # after each merge: new modules are made in training mode
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
 

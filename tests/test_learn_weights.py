@@ -381,3 +381,17 @@ def test_cma_without_the_package_names_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "cma", None)
     with pytest.raises(ImportError, match=r"adapter-merging\[learn\]"):
         learn_weights(lora_model(), list(NAMES), [batch()], method="cma")
+
+
+def test_dropout_is_off_while_learning_even_for_a_model_in_training_mode():
+    model = tiny_adapter_model("bert")
+    for i, name in enumerate(("a", "b")):
+        model.add_adapter(name, LoRAConfig(r=2, alpha=4, dropout=0.5))
+        randomize_adapter(model, name, scale=0.5, seed=i + 1)
+    model.add_classification_head("h", num_labels=4)
+    runs = []
+    for mode in ("train", "train", "eval"):
+        getattr(model, mode)()
+        runs.append(learn_weights(model, ["a", "b"], [batch()], budget=3, progress=False).history)
+        assert model.training == (mode == "train")
+    assert runs[0] == runs[1] == runs[2]
