@@ -1,6 +1,6 @@
 """``adapter-merge``: merge saved adapters from the command line (also ``python -m adapter_merging``).
 
-    adapter-merge DIR[:WEIGHT] ... --output OUT [--strategy S] [options]
+    adapter-merge DIR[:WEIGHT] ... --output OUT [--strategy S] [--module-weight DIR:GLOB=WEIGHT ...] [options]
     adapter-merge CONFIG.yaml [OUT] [options]
 
 The same program as `adapter_merging.merge_saved_adapters`: a progress bar over modules on stderr, a
@@ -47,6 +47,7 @@ EXAMPLES = """examples:
   adapter-merge a/ b/ c/ --strategy ties --density 0.3 --svd-tol 0.05 --output merged/ --report report.json
   adapter-merge a/ b/ c/ --strategy ties --space core --density 0.3 --output merged/
   adapter-merge a/ b/ c/ --strategy iso_cts --common-fraction 0.8 --output merged/
+  adapter-merge math/:1 code/:1 --module-weight 'math/:*.layer.1.*=3' --output layered/
   adapter-merge org/lora-a@main:0.7 org/lora-b:0.3 --strategy lora_delta_w_svd --svd-rank 16 --output out/
   adapter-merge recipe.yaml merged/     (a mergekit-shaped YAML: models, merge_method, parameters)
 
@@ -115,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="iso_cts: the common subspace's fraction of the merged rank (default 0.8)")
     parser.add_argument("--epsilon", type=float, help="della, della_linear: the spread of the keep probabilities "
                                                       "around --density (mergekit's epsilon)")
+    parser.add_argument("--module-weight", action="append", metavar="DIR:GLOB=WEIGHT",
+                        help="a per-module weight (repeatable): WEIGHT for the modules of input DIR whose path "
+                             "matches GLOB, a shell-style pattern such as '*.layer.1.*' (quote it); for a module an "
+                             "exact path wins, else DIR's first matching GLOB in the order given, else DIR's own "
+                             "weight (DIR:WEIGHT, or 1/N); with normalisation each module's weights are divided by "
+                             "their sum")
     parser.add_argument("--no-normalize", action="store_true",
                         help="use the weights as given (task arithmetic, unlearning); default: divide by their sum")
     parser.add_argument("--name", help="the adapter's name inside the output (default: the output folder's name)")
@@ -149,6 +156,51 @@ def parse_input(text: str) -> Tuple[str, Optional[float]]:
     return text, None
 
 
+def parse_module_weight(text: str, inputs: Sequence[str]) -> Tuple[int, str, float]:
+    """``--module-weight DIR:GLOB=WEIGHT`` → (DIR's index among ``inputs``, GLOB, WEIGHT). DIR is one of the
+    inputs as given, compared as paths (``a`` and ``a/`` are one folder); the longest input that fits comes
+    first, so a DIR may hold a ``:``. GLOB runs from there to the last ``=``."""
+    head, sep, tail = text.rpartition("=")
+    if not sep or ":" not in head:
+        raise UsageError(f"--module-weight {text}: expected DIR:GLOB=WEIGHT, e.g. --module-weight 'a/:*.layer.1.*=0.5'")
+    known = {os.path.normpath(source): i for i, source in enumerate(inputs)}
+    colons = [i for i, char in enumerate(head) if char == ":"]
+    cut = next((i for i in reversed(colons) if i and os.path.normpath(head[:i]) in known), None)
+    if cut is None:
+        folder = head[: colons[-1]]
+        raise UsageError(f"--module-weight {text}: {folder or repr(folder)} is not one of the inputs "
+                         f"({', '.join(inputs)}); name DIR as among the inputs")
+    folder, pattern = head[:cut], head[cut + 1:]
+    if not pattern:
+        raise UsageError(f"--module-weight {text}: no module pattern between '{folder}:' and '=' "
+                         f"(e.g. {folder}:*.layer.1.*={tail})")
+    if pattern == "*":
+        raise UsageError(f"--module-weight {text}: '*' is every module, {folder}'s own weight: give it as "
+                         f"{folder}:{tail} among the inputs")
+    try:
+        weight = float(tail)
+    except ValueError:
+        raise UsageError(f"--module-weight {text}: the weight '{tail}' is not a number") from None
+    if not math.isfinite(weight):
+        raise UsageError(f"--module-weight {text}: the weight is {tail}: weights must be finite numbers")
+    return known[os.path.normpath(folder)], pattern, weight
+
+
+def module_weights(inputs: Sequence[str], weights: Optional[Sequence[float]], given: Sequence[str]) -> list:
+    """The inputs' weights with the ``--module-weight`` options: an input they name gets the engine's per-module
+    dict ``{"*": its weight (DIR:WEIGHT, or 1/N), GLOB: WEIGHT, …}``, its GLOBs in the order given."""
+    defaults = list(weights) if weights is not None else [1.0 / len(inputs)] * len(inputs)
+    specs: list = [None] * len(inputs)
+    for text in given:
+        index, pattern, weight = parse_module_weight(text, inputs)
+        spec = specs[index] = specs[index] or {"*": defaults[index]}
+        if pattern in spec:
+            raise UsageError(f"--module-weight {text}: {inputs[index]}:{pattern} is given twice ({spec[pattern]:g} "
+                             f"and {weight:g}): give each pattern once")
+        spec[pattern] = weight
+    return [spec or default for spec, default in zip(specs, defaults)]
+
+
 def plan_from_arguments(args: argparse.Namespace) -> Dict[str, Any]:
     """The merge described by the command line: inputs, weights and options. A YAML may be followed by
     the output folder (mergekit's ``mergekit-yaml config.yml OUT_DIR``)."""
@@ -180,6 +232,11 @@ def plan_from_arguments(args: argparse.Namespace) -> Dict[str, Any]:
             "dtype": None,
             "linear_lora": "exact",  # `linear` on LoRA is the exact Σ λᵢ ΔWᵢ here, as in mergekit
         }
+    if args.module_weight:  # the command line's per-module weights
+        if args.inputs[0].endswith((".yaml", ".yml")):
+            raise UsageError("--module-weight does not apply to a YAML config: its models' `weight` says how to "
+                             "weigh them (mergekit's per-layer lists included)")
+        plan["weights"] = module_weights(plan["inputs"], plan["weights"], args.module_weight)
     if args.strategy:
         plan["strategy"] = args.strategy
     for option in ("svd_rank", "svd_tol", "density", "majority_sign_method", "gamma", "seed", "space", "eta",
@@ -387,6 +444,10 @@ def for_the_shell(message: str) -> str:
                      message)
     message = re.sub(r"(options are: )([\w, -]+)", lambda match: match.group(1) + ", ".join(
         FLAGS.get(item.strip(), item.strip()) for item in match.group(2).split(",")), message)
+    # per-module weights: the command line's option, and where to see module paths
+    message = message.replace("The per-module weight pattern", "The --module-weight pattern")
+    message = message.replace("; see report.modules.", "; for LoRA, a merge's merge_report.json lists every module "
+                                                       "(report → modules).")
     # "--force (--force on the command line)" → "--force"
     return re.sub(r"(--[\w-]+) \(\1(?: on the command line)?\)", r"\1", message)
 
@@ -408,6 +469,12 @@ def _summary(report, output, seconds: float, asked: Optional[str] = None) -> str
     weights = ", ".join(f"{n}: {w:+.4g}" for n, w in report.weights.items())
     strategy = report.combine_strategy if asked in (None, report.combine_strategy) else f"{asked} → {report.combine_strategy}"
     lines.append(f"  strategy   {strategy} ({weights})")
+    if report.module_weights:
+        module, own = min(report.module_weights.items())
+        total = f" of {len(report.modules)}" if report.modules else ""
+        shown = ", ".join(f"{n}: {w:+.4g}" for n, w in own.items())
+        lines.append(f"  per module {len(report.module_weights)}{total} modules have their own weights, e.g. {module} "
+                     f"({shown}); each in {Path(output) / 'merge_report.json'}")
     if report.rank is not None:
         lines.append(f"  rank       {report.rank} (alpha {report.alpha:g})")
     if report.modules:

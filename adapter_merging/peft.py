@@ -21,14 +21,15 @@ parameters (``target_parameters``, each expert of a mixture-of-experts weight it
 per-module ranks and scalings (rank_pattern, alpha_pattern, rsLoRA) and different target modules
 (merged over their union); IA³ by its deviation from identity (``combination_type`` "linear", its
 default); ``modules_to_save`` merged linearly. DoRA, LoRA biases and grouped convolutions are refused.
-A failure leaves the model as it was.
+A weight may be per module, ``{module path or glob: weight, "*": default}`` (paths inside the LoraModel's
+``model``). A failure leaves the model as it was.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import re
-from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 try:
     import peft as _peft  # noqa: F401  (the optional dependency)
@@ -49,7 +50,7 @@ from ._warnings import warn
 from .engine import AdapterInput, check_option_names, full_weights_note, merge
 from .files.formats import Layout, merged_peft_fields, peft_adapter_input
 from .methods.heads import HeadConfig
-from .ops.weights import check_flag, split_names_and_weights
+from .ops.weights import check_flag, default_weights, has_module_weights, split_names_and_weights
 from .report import MergeReport
 from .rollback import rollback_on_error
 from .state import Slot
@@ -81,7 +82,7 @@ PeftCombination = Literal[
 def add_weighted_adapter(
     model: torch.nn.Module,
     adapters: Sequence[str],
-    weights: Sequence[float],
+    weights: Union[Sequence[Union[float, Mapping[str, float]]], Mapping[str, Union[float, Mapping[str, float]]], None],
     adapter_name: str,
     combination_type: Optional[Union[PeftCombination, CombineStrategy, str]] = None,
     svd_rank: Optional[int] = None,
@@ -105,7 +106,13 @@ def add_weighted_adapter(
     :param model: a ``PeftModel`` (or its ``LoraModel``/``IA3Model``) holding the adapters.
     :param adapters: names of the adapters to merge (LoRA adapters, or IA³ adapters), a list (or a dict
         ``{name: weight}`` with ``weights=None``); a set is refused (its order would pair names and weights).
-    :param weights: one weight per adapter, used as given (PEFT's semantics: not normalised); any sign.
+    :param weights: one weight per adapter, used as given (PEFT's semantics: not normalised); any sign. A list,
+        or a dict ``{name: weight}``. An adapter's weight may be per module: a dict ``{module path or glob: weight}``
+        with a ``"*"`` entry, its default (``{"*": 1.0, "model.layers.1.*": 0.5}``). Module paths are those inside
+        the LoraModel's ``model`` (``model.layers.0.self_attn.q_proj``; an expert of a ``target_parameters``
+        weight is ``experts.gate_up_proj[0]``), as ``report.modules`` lists them; globs are shell-style
+        (``fnmatch``): an exact path wins, else the first matching glob, else ``"*"``. A glob matching no LoRA
+        module is an error. ``modules_to_save`` are merged with each adapter's ``"*"`` weight.
     :param adapter_name: the new adapter's name; it must not exist yet.
     :param combination_type: None (default): what PEFT's own method of the adapters' type does by default,
         ``"svd"`` for LoRA (``LoraModel.add_weighted_adapter``) and ``"linear"`` for IA³
@@ -185,7 +192,9 @@ def add_weighted_adapter(
     finally:
         finished()
     saved = _modules_to_save(root, names)
-    heads = merge(saved, list(weights), "linear", False, name=adapter_name, kind="head") if saved else None
+    # modules_to_save: each adapter's default ("*") weight; per-module patterns name LoRA modules
+    head_weights = default_weights(names, weights) if has_module_weights(weights) else list(weights)
+    heads = merge(saved, head_weights, "linear", False, name=adapter_name, kind="head") if saved else None
     head_note = heads and full_weights_note(heads.report.weights, "modules_to_save", (
         "For usable modules_to_save, merge them with weights summing to 1 into another adapter and copy them, or "
         "keep one input's copy."))

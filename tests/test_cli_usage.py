@@ -324,3 +324,123 @@ def test_yaml_base_model_is_checked_against_the_inputs(work, capsys):
     (work / "r.yml").write_text(RECIPE + "base_model: bert-base\n", encoding="utf-8")
     assert cli.main(["r.yml", "out", "-q"]) == 0
     assert json.loads((work / "out" / "merge_report.json").read_text(encoding="utf-8"))["recipe"]["base_model"] == "bert-base"
+
+
+# --- issue 20: per-module weights (--module-weight DIR:GLOB=WEIGHT) -------------------------------------
+
+LAYER1 = "*.layer.1.*"
+
+
+def weight_of(module: str, spec) -> float:
+    """The documented rule, written out: an exact path, else the first matching glob, else "*"."""
+    import fnmatch
+
+    if not isinstance(spec, dict):
+        return spec
+    if module in spec:
+        return spec[module]
+    return next((w for k, w in spec.items() if k != "*" and fnmatch.fnmatchcase(module, k)), spec["*"])
+
+
+def check_per_module_merge(work: Path, specs: dict, normalize: bool) -> None:
+    """The merged folder's updates are Σ λᵢ,m ΔWᵢ in float64 (λ normalised per module if ``normalize``)."""
+    merged, inputs = delta_w(work / "out"), {n: delta_w(work / n) for n in specs}
+    assert merged.keys() == inputs["a"].keys() and len(merged) == 4
+    for module, update in merged.items():
+        raw = {n: weight_of(module.removesuffix(".loras"), spec) for n, spec in specs.items()}
+        total = sum(raw.values()) if normalize else 1.0
+        exact = sum(w / total * inputs[n][module] for n, w in raw.items())
+        assert torch.linalg.norm(update - exact) <= 1e-6 * torch.linalg.norm(exact), module
+
+
+def test_module_weight_gives_each_module_its_normalised_weights(work, capsys):
+    """a:1 b:1 and a's layer-1 modules at 3: there a gets 3/4 and b 1/4, elsewhere 1/2 each (the default
+    strategy, exact for LoRA); the summary and merge_report.json say which modules have their own weights."""
+    assert cli.main(["a:1", "b:1", "--module-weight", f"a:{LAYER1}=3", "-o", "out"]) == 0
+    check_per_module_merge(work, {"a": {"*": 1.0, LAYER1: 3.0}, "b": 1.0}, normalize=True)
+    summary = capsys.readouterr().err
+    assert "strategy   linear → lora_delta_w_svd (a: +0.5, b: +0.5)" in summary
+    assert (f"per module 2 of 4 modules have their own weights, e.g. bert.encoder.layer.1.attention.self.query "
+            f"(a: +0.75, b: +0.25); each in {Path('out') / 'merge_report.json'}") in summary
+    recipe = json.loads((work / "out" / "merge_report.json").read_text(encoding="utf-8"))["recipe"]
+    assert recipe["module_weights"] == {f"bert.encoder.layer.1.attention.self.{p}": {"a": 0.75, "b": 0.25}
+                                        for p in ("query", "value")}
+    assert [i["weight"] for i in recipe["inputs"]] == [0.5, 0.5]
+
+
+def test_module_weight_defaults_to_one_over_n_and_patterns_apply_in_order(work):
+    """Without DIR:WEIGHT an input's default is 1/N; an input's patterns apply in the order given (the first
+    that matches wins); with --no-normalize the weights are used as given."""
+    args = ["a", "b", "--module-weight", "b:*.layer.0.*=2", "--module-weight", "b:*.value=-1",
+            "--module-weight", "a:bert.encoder.layer.1.attention.self.query=0", "--no-normalize",
+            "-s", "lora_delta_w_concat", "-o", "out", "-q"]
+    assert cli.main(args) == 0
+    specs = {"a": {"*": 0.5, "bert.encoder.layer.1.attention.self.query": 0.0},
+             "b": {"*": 0.5, "*.layer.0.*": 2.0, "*.value": -1.0}}
+    check_per_module_merge(work, specs, normalize=False)
+    saved = json.loads((work / "out" / "merge_report.json").read_text(encoding="utf-8"))["recipe"]["module_weights"]
+    assert saved["bert.encoder.layer.0.attention.self.value"] == {"a": 0.5, "b": 2.0}  # the first pattern wins
+    assert saved["bert.encoder.layer.1.attention.self.value"] == {"a": 0.5, "b": -1.0}
+
+
+def test_module_weight_dir_is_matched_as_a_path_among_the_inputs(work):
+    os.rename(work / "a", work / "a:one")
+    inputs = ["a:one/", "b"]
+    assert cli.parse_module_weight("a:one:*.query=2", inputs) == (0, "*.query", 2.0)  # a ':' inside DIR
+    assert cli.parse_module_weight("./b/:*.layer.[01].*=-0.5", inputs) == (1, "*.layer.[01].*", -0.5)
+    assert cli.parse_module_weight("b:a=b=1", inputs) == (1, "a=b", 1.0)  # the last '=' starts the weight
+    assert cli.module_weights(inputs, None, ["b:*.query=2", "b:*.key=3"]) == [
+        0.5, {"*": 0.5, "*.query": 2.0, "*.key": 3.0}]
+    assert cli.module_weights(inputs, [0.3, -1.0], ["a:one:*.q=1"]) == [{"*": 0.3, "*.q": 1.0}, -1.0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--module-weight", "c:*.query=1"], "--module-weight c:*.query=1: c is not one of the inputs (a, b); name DIR as "
+                                         "among the inputs"),
+    (["--module-weight", "a:*.query"], "--module-weight a:*.query: expected DIR:GLOB=WEIGHT, e.g."),
+    (["--module-weight", "*.query=1"], "--module-weight *.query=1: expected DIR:GLOB=WEIGHT"),
+    (["--module-weight", "a:*.query=big"], "--module-weight a:*.query=big: the weight 'big' is not a number"),
+    (["--module-weight", "a:*.query=nan"], "the weight is nan: weights must be finite numbers"),
+    (["--module-weight", "a:=1"], "--module-weight a:=1: no module pattern between 'a:' and '='"),
+    (["--module-weight", "a:*=0.5"], "'*' is every module, a's own weight: give it as a:0.5 among the inputs"),
+    (["--module-weight", "a:*.q=1", "--module-weight", "a:*.q=2"], "a:*.q is given twice (1 and 2): give each "
+                                                                  "pattern once"),
+])
+def test_bad_module_weight_is_a_usage_error(work, capsys, args, message):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["a", "b", "-o", "out", *args])
+    assert exit.value.code == 2
+    line = capsys.readouterr().err.strip()
+    assert len(line.splitlines()) == 1 and message in line and line.endswith("(see adapter-merge --help)"), line
+    assert not (work / "out").exists()
+
+
+def test_module_weight_with_a_yaml_is_a_usage_error(work, capsys):
+    (work / "r.yml").write_text(RECIPE, encoding="utf-8")
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["r.yml", "out", "--module-weight", "a:*.query=1"])
+    assert exit.value.code == 2
+    assert "--module-weight does not apply to a YAML config" in capsys.readouterr().err
+
+
+def test_module_weight_matching_no_module_is_the_engines_error_in_shell_words(work, capsys):
+    """What only the inputs can tell (a pattern matching none of their modules; a module whose weights sum
+    to zero) is bad input: one line in the command line's words, exit status 1, nothing written."""
+    assert cli.main(["a", "b", "--module-weight", "a:*.nowhere.*=2", "-o", "out"]) == 1
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith("adapter-merge: error: The --module-weight pattern '*.nowhere.*' of adapter 'a' matches "
+                           "no module of the merge. Patterns are shell-style globs (fnmatch) over module names such as "
+                           "bert.encoder.layer.0.attention.self.query, "), line
+    assert line.endswith("for LoRA, a merge's merge_report.json lists every module (report → modules).")
+    assert "report.modules" not in line
+    assert cli.main(["a:1", "b:1", "--module-weight", f"b:{LAYER1}=-1", "-o", "out"]) == 1
+    line = one_line(capsys.readouterr().err)
+    assert "In module 'bert.encoder.layer.1.attention.self.query': The weights [1.0, -1.0] sum to (nearly) zero" in line
+    assert "normalize_weights" not in line and "pass --no-normalize" in line
+    assert not (work / "out").exists()
+
+
+def test_help_documents_module_weight():
+    text = cli.build_parser().format_help()
+    assert "--module-weight DIR:GLOB=WEIGHT" in text and "(repeatable)" in text
+    assert "adapter-merge math/:1 code/:1 --module-weight 'math/:*.layer.1.*=3' --output layered/" in text

@@ -1,6 +1,6 @@
 """The PEFT front end as a migrating PEFT user meets it (issue 17, items 7, 15, 16, 18, 19): PEFT's own IA³
 call form, refusals of unordered and non-bool arguments, Conv1d/Conv3d LoRAs in memory and from folders,
-LoRA on raw parameters (``target_parameters``, mixture-of-experts weights)."""
+LoRA on raw parameters (``target_parameters``, mixture-of-experts weights); per-module weights (issue 20)."""
 from __future__ import annotations
 
 import copy
@@ -12,7 +12,7 @@ from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 
 from adapter_merging.files import InputError, merge_saved_adapters
 from adapter_merging.peft import add_weighted_adapter
-from test_peft import deltas, exact_target, peft_model, rel
+from test_peft import NAMES, deltas, exact_target, peft_model, rel
 
 EXACT = 1e-5
 
@@ -308,3 +308,121 @@ def test_lora_on_target_parameters_from_folders_is_refused_by_name(tmp_path):
         merge_saved_adapters([str(tmp_path / "in" / "a"), str(tmp_path / "in" / "b")], str(tmp_path / "out"),
                              weights=[1.0, -1.0], combine_strategy="lora_delta_w_svd", normalize_weights=False)
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- issue 20: per-module weights
+#: the PEFT model's module paths inside the LoraModel's ``model`` (what per-module weights name)
+Q0 = "model.layers.0.self_attn.q_proj"
+LAYER1 = "model.layers.1.*"
+
+
+def weight_of(module, spec):
+    """The weight a per-module spec gives ``module``: exact name, else the first matching glob, else "*"."""
+    import fnmatch
+
+    if not isinstance(spec, dict):
+        return spec
+    if module in spec:
+        return spec[module]
+    return next((w for k, w in spec.items() if k != "*" and fnmatch.fnmatchcase(module, k)), spec["*"])
+
+
+def per_module_target(model, names, specs):
+    """{module path inside the LoraModel's model: Σ λᵢ,m ΔWᵢ}, float64, through PEFT's get_delta_weight."""
+    updates = {n: {m.removeprefix("base_model.model."): d for m, d in deltas(model, n).items()} for n in names}
+    modules = set().union(*updates.values())
+    return {m: sum(weight_of(m, s) * updates[n][m] for n, s in zip(names, specs) if m in updates[n]) for m in modules}
+
+
+@pytest.mark.parametrize("combination", ["svd", "cat", "linear"])
+def test_per_module_weights_give_the_per_module_exact_sum(combination):
+    """Three LoRAs of different ranks, rsLoRA, an alpha pattern, an embedding and different target modules:
+    each module's merged update is Σ λᵢ,m ΔWᵢ (not normalised: PEFT's semantics), in float64."""
+    model = peft_model("llama")
+    specs = [{"*": 1.0, Q0: -2.0, "*.v_proj": 0.25}, 0.5, {"*": -1.0, LAYER1: 3.0, "model.embed_tokens": 7.0}]
+    report = add_weighted_adapter(model, NAMES, specs, "merged", combination_type=combination)
+    target = per_module_target(model, NAMES, specs)
+    merged = {m.removeprefix("base_model.model."): d for m, d in deltas(model, "merged").items()}
+    assert sorted(merged) == sorted(target) and "model.embed_tokens" in merged and len(merged) == 7
+    for module, update in target.items():
+        assert rel(merged[module], update) <= EXACT, module
+    assert report.max_error <= EXACT and report.weights == {"a": 1.0, "b": 0.5, "c": -1.0}
+    assert report.module_weights[Q0] == {"a": -2.0, "b": 0.5, "c": -1.0}
+    assert report.module_weights["model.layers.1.self_attn.v_proj"] == {"a": 0.25, "b": 0.5, "c": 3.0}
+    assert "model.layers.0.self_attn.k_proj" not in report.module_weights  # the defaults
+
+
+def test_per_module_weights_by_adapter_name():
+    """A dict by name as ``adapters`` (weights=None) or as ``weights`` pairs each spec with its adapter."""
+    model = peft_model("llama")
+    specs = {"c": {"*": 0.5, LAYER1: -1.0}, "a": 2.0}
+    add_weighted_adapter(model, specs, None, "by_adapters")
+    add_weighted_adapter(model, ["a", "c"], specs, "by_weights")
+    target = per_module_target(model, ["a", "c"], [specs["a"], specs["c"]])
+    for name in ("by_adapters", "by_weights"):
+        merged = {m.removeprefix("base_model.model."): d for m, d in deltas(model, name).items()}
+        assert sorted(merged) == sorted(target)
+        assert max(rel(merged[m], t) for m, t in target.items()) <= EXACT
+
+
+def test_per_module_weights_on_peft_ia3():
+    model = _ia3_model()
+    specs = [{"*": 1.0, "*.down_proj": 0.5}, {"*": -1.0, "model.layers.0.*": 0.25}]
+    add_weighted_adapter(model, ["a", "b"], specs, "merged")
+    params = dict(model.named_parameters())
+    merged = [k for k in params if k.endswith("ia3_l.merged")]
+    assert len(merged) == 4
+    for key in merged:
+        module = key.removeprefix("base_model.model.").removesuffix(".ia3_l.merged")
+        la, lb = weight_of(module, specs[0]), weight_of(module, specs[1])
+        a, b = params[key.replace(".merged", ".a")].double(), params[key.replace(".merged", ".b")].double()
+        torch.testing.assert_close(params[key].double(), 1.0 + la * (a - 1.0) + lb * (b - 1.0))
+
+
+def test_per_module_weights_leave_modules_to_save_to_the_default():
+    """modules_to_save (here the LM head) are merged linearly with each adapter's "*" weight: patterns name
+    LoRA modules, and one matching no LoRA module is refused even if it names a saved module."""
+    specs = [dict(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["lm_head"])] * 2
+    model = peft_model("llama", specs, names=["a", "b"])
+    with torch.no_grad():
+        for i, name in enumerate(["a", "b"]):
+            model.base_model.model.lm_head.modules_to_save[name].weight.fill_(float(i + 1))
+    weights = [{"*": 0.25, Q0: 3.0}, {"*": 0.75, LAYER1: -1.0}]
+    report = add_weighted_adapter(model, ["a", "b"], weights, "merged")
+    head = model.base_model.model.lm_head.modules_to_save["merged"].weight
+    torch.testing.assert_close(head, torch.full_like(head, 0.25 * 1 + 0.75 * 2))
+    assert not report.notes  # the defaults sum to 1: no warning about the heads
+    target = per_module_target(model, ["a", "b"], weights)
+    merged = {m.removeprefix("base_model.model."): d for m, d in deltas(model, "merged").items()}
+    assert max(rel(merged[m], t) for m, t in target.items()) <= EXACT
+    with pytest.raises(ValueError, match="pattern 'lm_head' of adapter 'a' matches no module"):
+        add_weighted_adapter(model, ["a", "b"], [{"*": 1.0, "lm_head": 0.0}, 1.0], "other")
+    assert "other" not in model.peft_config
+
+
+def test_per_module_weights_name_experts_of_target_parameters_exactly():
+    """An expert of a raw parameter is the module ``<key>[e]``: its exact name (brackets included) weighs it."""
+    model = moe_model(PARAM_SPECS[:2])
+    before = [parameter_deltas(model, n) for n in ("a", "b")]
+    add_weighted_adapter(model, ["a", "b"], [{"*": 1.0, "experts.w1[1]": -3.0, "gate.*": 0.5}, 1.0], "merged")
+    merged = parameter_deltas(model, "merged")
+    for key in PARAMS:
+        target = before[0][key] * (0.5 if key == "gate.router" else 1.0) + before[1][key]
+        if key == "experts.w1":
+            target[1] = -3.0 * before[0][key][1] + before[1][key][1]
+        assert rel(merged[key], target) <= EXACT, key
+
+
+@pytest.mark.parametrize("weights, error, match", [
+    ([{"*": 1.0, "*.nowhere.*": 2.0}, 1.0, 1.0], ValueError,
+     r"'\*\.nowhere\.\*' of adapter 'a' matches no module of the merge.* such as model\.embed_tokens"),
+    ([{Q0: 2.0}, 1.0, 1.0], ValueError, r"no '\*' entry"),
+    ([{"*": 1.0, Q0: "2"}, 1.0, 1.0], TypeError, "must be a real number"),
+    ({"a": 1.0, "b": {"*": 1.0}}, ValueError, r"missing \['c'\]"),
+])
+def test_bad_per_module_weights_are_refused_and_nothing_changes(weights, error, match):
+    model = peft_model("llama")
+    before, config = _state(model), copy.deepcopy(model.peft_config)
+    with pytest.raises(error, match=match):
+        add_weighted_adapter(model, NAMES, weights, "merged")
+    _unchanged(model, before, config)

@@ -84,6 +84,16 @@ def test_pattern_rule_exact_name_then_first_glob_then_default():
     assert table == {"l.q": [0.4], "l.v": [0.3], "m.q": [0.2]}  # m.v: the default 0.1
 
 
+def test_an_exact_module_name_with_glob_characters_is_its_own_entry():
+    """PEFT names an expert of a raw parameter ``key[e]``: as a glob ``[e]`` is a set, which matches no such
+    name, but the exact name still names that module (exact names are looked up before globs)."""
+    modules = ["experts.w1[0]", "experts.w1[1]"]
+    _, table = resolve_module_weights(["a"], [{"*": 1.0, "experts.w1[1]": 2.0}], False, modules)
+    assert table == {"experts.w1[1]": [2.0]}
+    _, table = resolve_module_weights(["a"], [{"*": 1.0, "experts.w1[[]0]": 3.0}], False, modules)
+    assert table == {"experts.w1[0]": [3.0]}  # a bracket escaped in a glob
+
+
 def test_bottleneck_linear_per_module():
     model = tiny_adapter_model("bert")
     for i, name in enumerate("ab"):
@@ -164,3 +174,153 @@ def test_a_module_whose_weights_sum_to_zero_is_refused_when_normalising():
     model = lora_model()
     with pytest.raises(ValueError, match=f"In module '{Q0}'.*per module"):
         model.average_adapter("m", {"a": {"*": 1, Q0: 1}, "b": {"*": 1, Q0: -1}}, combine_strategy="lora_delta_w_svd")
+
+
+# ----------------------------------------------------------------------------- every strategy family
+FAMILY_CASES = {
+    "dare_linear": dict(combine_strategy="dare_linear", density=0.5, seed=3),
+    "dare_ties": dict(combine_strategy="dare_ties", density=0.5, seed=3),
+    "della": dict(combine_strategy="della", density=0.5, epsilon=0.2, seed=3),
+    "della_linear": dict(combine_strategy="della_linear", density=0.5, epsilon=0.2, seed=3),
+    "ties_core": dict(combine_strategy="ties", density=0.5, space="core"),
+    "ties_knots": dict(combine_strategy="ties", density=0.5, space="knots"),
+}
+
+
+def merge_quietly(model, name, weights, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model.average_adapter(name, weights, normalize_weights=False, **kwargs)
+
+
+@pytest.mark.parametrize("case", list(FAMILY_CASES))
+def test_random_and_space_strategies_merge_each_module_with_its_own_weights(case):
+    """DARE and DELLA (seeded masks) and TIES in core and KnOTS space: a module named by a pattern is merged
+    as the plain merge with that module's weights; a module without an entry as the plain merge with "*"."""
+    model = lora_model()
+    kwargs = FAMILY_CASES[case]
+    report = merge_quietly(model, "m", {"a": {"*": 0.6, LAYER1: 1.2}, "b": {"*": 0.9, Q0: -0.4}}, **kwargs)
+    plain = {
+        "default": merge_quietly(model, "p0", {"a": 0.6, "b": 0.9}, **kwargs),
+        "layer1": merge_quietly(model, "p1", {"a": 1.2, "b": 0.9}, **kwargs),
+        "q0": merge_quietly(model, "p2", {"a": 0.6, "b": -0.4}, **kwargs),
+    }
+    scale = lambda r: r.alpha / r.rank  # noqa: E731
+    merged = updates(model, "m", scale(report))
+    references = {key: updates(model, name, scale(plain[key])) for key, name in zip(plain, ("p0", "p1", "p2"))}
+    assert len(merged) == 4
+    for module, delta in merged.items():
+        key = "q0" if module == Q0 else "layer1" if ".layer.1." in module else "default"
+        torch.testing.assert_close(delta, references[key][module], rtol=1e-5, atol=1e-6)
+        others = [k for k in references if k != key]
+        assert all((references[k][module] - delta).norm() > 1e-3 * delta.norm() for k in others), module
+    assert set(report.module_weights) == {m for m in merged if m == Q0 or ".layer.1." in m}
+
+
+def test_adapters_ia3_is_the_deviation_from_identity_per_module():
+    """IA³ (adapters): α·l = 1 + Σ λᵢ,m (α·lᵢ − 1), with each module's weights, against float64."""
+    from adapters import IA3Config
+
+    model = tiny_adapter_model("bert")
+    for i, name in enumerate("ab"):
+        model.add_adapter(name, IA3Config())
+        randomize_adapter(model, name, seed=20 + i)
+    weights = {"a": {"*": 0.5, "*.intermediate.dense": 2.0}, "b": {"*": -0.5, LAYER1: 1.0}}
+    report = merge_quietly(model, "m", weights)
+    named = model_tensors(model)
+    a, b, m = (adapter_tensors(named, n) for n in ("a", "b", "m"))
+    assert len(m) == 6
+    for slot, value in m.items():
+        la, lb = expected_weight(slot.prefix, weights["a"]), expected_weight(slot.prefix, weights["b"])
+        target = 1.0 + la * (a[slot].double() - 1.0) + lb * (b[slot].double() - 1.0)
+        torch.testing.assert_close(value.double(), target, rtol=1e-6, atol=1e-7)
+    assert len(report.module_weights) == 4  # all but layer 0's key and value (the defaults) have their own
+    assert report.module_weights["bert.encoder.layer.1.intermediate.dense"] == {"a": 2.0, "b": 1.0}
+
+
+def test_compacter_shared_parameters_are_one_module_with_the_default():
+    """Compacter's PHM parameters, shared by every layer, are one module (the slot's path, here ``bert``):
+    they get "*" unless an entry names them; the layers' own modules their entries."""
+    from adapters import CompacterConfig
+
+    model = tiny_adapter_model("bert")
+    for i, name in enumerate("ab"):
+        model.add_adapter(name, CompacterConfig(reduction_factor=4))
+        randomize_adapter(model, name, seed=30 + i)
+    named = model_tensors(model)
+    a, b = adapter_tensors(named, "a"), adapter_tensors(named, "b")
+    for spec, shared in (({"*": 0.25, LAYER1: 1.5}, 0.25), ({"*": 0.25, LAYER1: 1.5, "bert": -1.0}, -1.0)):
+        merge_quietly(model, "m", {"a": spec, "b": 0.75})
+        m = adapter_tensors(model_tensors(model), "m")
+        assert {s.container for s in m} == {"adapters", "shared_parameters"}
+        for slot, value in m.items():
+            lam = shared if slot.container == "shared_parameters" else 1.5 if ".layer.1." in slot.prefix else 0.25
+            torch.testing.assert_close(value.double(), lam * a[slot].double() + 0.75 * b[slot].double())
+        model.delete_adapter("m")
+
+
+@pytest.mark.parametrize("config", ["loreft", "noreft"])
+def test_reft_interventions_merge_each_layer_with_its_own_weights(config):
+    """ReFT: each layer's intervention is a module; LoReFT's orthogonal projection is merged (and retracted)
+    as the plain merge with that layer's weights, NoReFT's parameters as Σ λᵢ,m Φᵢ."""
+    from adapters import LoReftConfig, NoReftConfig
+
+    model = tiny_adapter_model("bert")
+    for i, name in enumerate("ab"):
+        model.add_adapter(name, (LoReftConfig if config == "loreft" else NoReftConfig)(r=2))
+        randomize_adapter(model, name, seed=40 + i)
+    report = merge_quietly(model, "m", {"a": {"*": 0.3, LAYER1: 1.0}, "b": {"*": 0.7, LAYER1: 0.0}})
+    merge_quietly(model, "p0", {"a": 0.3, "b": 0.7})
+    merge_quietly(model, "p1", {"a": 1.0, "b": 0.0})
+    named = model_tensors(model)
+    m, p0, p1, a, b = (adapter_tensors(named, n) for n in ("m", "p0", "p1", "a", "b"))
+    assert {s.prefix for s in m} == {"bert.encoder.layer.0.reft_layer", "bert.encoder.layer.1.reft_layer"}
+    for slot, value in m.items():
+        layer1 = ".layer.1." in slot.prefix
+        torch.testing.assert_close(value, (p1 if layer1 else p0)[slot], rtol=1e-6, atol=1e-7)
+        if layer1:  # weights (1, 0): the merge is adapter a itself
+            torch.testing.assert_close(value, a[slot])
+        elif config == "noreft":
+            torch.testing.assert_close(value.double(), 0.3 * a[slot].double() + 0.7 * b[slot].double())
+    assert set(report.module_weights) == {"bert.encoder.layer.1.reft_layer"}
+
+
+POOL = "bert.encoder.layer.0.attention.self.prefix_tuning.pool"
+
+
+def prefix_model():
+    from adapters import PrefixTuningConfig
+
+    model = tiny_adapter_model("bert")
+    for i, name in enumerate("ab"):
+        model.add_adapter(name, PrefixTuningConfig(prefix_length=4, flat=i == 1))  # reparameterised and flat
+        randomize_adapter(model, name, seed=50 + i)
+    return model
+
+
+def test_prefix_tuning_is_one_module_the_pool():
+    """Prefix tuning keeps every layer's prefixes in one pool module: a weight naming the pool (or matching
+    it) applies to all prefixes; without one, "*" does. The merge is the flat Σ λᵢ Pᵢ."""
+    from adapter_merging.methods.prefix_tuning import flat_prefix
+
+    model = prefix_model()
+    named = model_tensors(model)
+    flats = []
+    for name in "ab":
+        config = model.adapters_config.match(name, type(model.adapters_config.get(name)))
+        local = {s.param.split(".", 1)[1]: t for s, t in adapter_tensors(named, name).items()}
+        flats.append(flat_prefix(local, config).double())
+    for name, spec, lam in (("m1", {"*": 0.2, POOL: 0.7}, 0.7), ("m2", {"*": 0.2, "*.prefix_tuning.*": 1.5}, 1.5),
+                            ("m3", {"*": 0.2}, 0.2)):
+        report = merge_quietly(model, name, {"a": spec, "b": 0.5})
+        merged = adapter_tensors(model_tensors(model), name)
+        assert [s.prefix for s in merged] == [POOL]
+        torch.testing.assert_close(next(iter(merged.values())).double(), lam * flats[0] + 0.5 * flats[1])
+        assert report.module_weights == ({} if lam == 0.2 else {POOL: {"a": lam, "b": 0.5}})
+
+
+def test_prefix_tuning_refuses_a_per_layer_pattern_naming_the_pool():
+    model = prefix_model()
+    with pytest.raises(ValueError, match=rf"'\*\.layer\.1\.\*' of adapter 'a' matches no module .* such as {POOL}"):
+        merge_quietly(model, "m", {"a": {"*": 0.2, LAYER1: 0.7}, "b": 0.5})
+    assert "m" not in model.adapters_config

@@ -275,7 +275,7 @@ def _module_spec(name: str, weight: Any, modules: Sequence[str], kind: str) -> d
     spec = {}
     for key, value in weight.items():
         spec[key] = _real_weight(value, f"{kind} '{name}' in '{key}'")
-        if key != DEFAULT_KEY and not any(fnmatch.fnmatchcase(m, key) for m in modules):
+        if key != DEFAULT_KEY and key not in modules and not any(fnmatch.fnmatchcase(m, key) for m in modules):
             shown = ", ".join(modules[:4]) + (" …" if len(modules) > 4 else "")
             raise ValueError(
                 f"The per-module weight pattern '{key}' of {kind} '{name}' matches no module of the merge. Patterns "
