@@ -273,6 +273,32 @@ def plan_from_yaml(path: Path) -> Dict[str, Any]:
     return plan_from_config(data, str(path))
 
 
+def plan_weights(plan: Dict[str, Any]) -> Any:
+    """The weights to merge the plan's inputs with: the plan's own, or, where a YAML gives mergekit's per-layer
+    lists or conditions (`adapter_merging.mergekit.LayerWeights`), per-module weights over the inputs' modules.
+    The number of layers L is the base model's (its ``config.json``: the YAML's ``base_model``, else a base an
+    input records, when it is a local folder or in the local Hugging Face cache), else counted from the modules.
+    Adds a note to the plan's notes and L to its recipe. Raises `ConfigError` (the YAML) or ValueError (an input)."""
+    from .mergekit import LayerWeights, base_layer_count
+
+    weights = plan["weights"]
+    if not isinstance(weights, LayerWeights):
+        return weights
+    from .files import recorded_base
+    from .files.formats import read_adapter
+    from .files.io import resolve_folder
+    from .ops.weights import module_name
+
+    saved = [read_adapter(folder, f"input{i}", given)
+             for i, (folder, given) in enumerate(resolve_folder(source) for source in plan["inputs"])]
+    modules = {module_name(slot) for item in saved for slot in item.adapter.tensors}
+    num_layers, counted = base_layer_count([plan.get("base_model")] + [recorded_base(item) for item in saved])
+    resolved, note, num_layers = weights.resolve(modules, num_layers, counted)
+    plan.setdefault("notes", []).append(note)
+    plan.setdefault("recipe_extra", {})["num_layers"] = num_layers
+    return resolved
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -292,8 +318,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     started = time.perf_counter()
     warnings.showwarning = _show_warning if not args.quiet else (lambda *a, **k: None)
     try:
+        weights = plan_weights(plan)  # a YAML's per-layer weights: per module, once the inputs' modules are read
         report = merge_saved_adapters(
-            plan["inputs"], plan["output"], weights=plan["weights"], combine_strategy=plan["strategy"],
+            plan["inputs"], plan["output"], weights=weights, combine_strategy=plan["strategy"],
             normalize_weights=bool(plan["normalize"]), overwrite_ok=args.force, name=args.name or plan.get("name"),
             progress=not args.quiet, device=args.device, dtype=plan["dtype"],
             allow_different_bases=args.allow_different_bases, base_model=plan.get("base_model"),
@@ -303,6 +330,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("adapter-merge: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except ConfigError as error:  # the YAML's per-layer weights, once the modules are known: names the file itself
+        return _fail(error, shell_words=False)
     except (ValueError, TypeError, OSError) as error:
         config_file = (plan.get("recipe_extra") or {}).get("config_file")
         if config_file:  # a YAML's merge: its keys, not flags, and the file named

@@ -17,14 +17,22 @@ the merge is of their updates ΔWᵢ, which is what mergekit's methods compute o
   (``space``, ``eta``, ``common_fraction``, ``svd_rank``, …; ``density``/``gamma`` also per model), checked by
   the strategy.
 
+A ``weight`` may also be mergekit's per-layer list (a gradient, ``weight: [0, 0.5, 1]``) or its conditions
+(``- filter: self_attn`` / ``value: …``): the plan then holds a `LayerWeights`, which `LayerWeights.resolve`
+turns into the engine's per-module weights once the inputs' module names (and the number of layers) are
+known. Every other parameter takes one number.
+
 Nothing here imports torch. Errors are `ConfigError`: one line naming the file, the key and the fix.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
+from dataclasses import dataclass
 from numbers import Integral, Real
-from typing import Any, Dict, List, Mapping, Tuple
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 #: mergekit 0.1.5's per-method defaults (its registry): (normalize, rescale); and the parameters each has
 DEFAULTS: Dict[str, Tuple[bool, bool]] = {
@@ -83,6 +91,205 @@ class ConfigError(ValueError):
     """A mergekit-shaped YAML whose content is wrong: one line naming the file and the key."""
 
 
+# ----------------------------------------------------------------------------- per-layer weights
+#: the keys of a model's config.json that give its number of layers, in the order they are tried
+#: (``num_hidden_layers``: what mergekit reads for the architectures it knows; the others: GPT-2's, T5's, …)
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+@dataclass(frozen=True)
+class Gradient:
+    """mergekit's per-layer list (``weight: [0, 0.5, 1]``): values from the first layer (t = 0) to the last (t = 1)."""
+
+    values: Tuple[float, ...]
+
+    def at(self, t: float) -> float:
+        """The value at position t ∈ [0, 1], as mergekit 0.1.5's ``evaluate_setting`` computes it: the list at
+        t·(n − 1), linearly between its two neighbours (one value: that value everywhere)."""
+        scaled = t * (len(self.values) - 1)
+        low = int(scaled)
+        high = min(len(self.values) - 1, low + 1)
+        frac = scaled - low
+        return (1 - frac) * self.values[low] + frac * self.values[high]
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """mergekit's conditional parameter (``- filter: self_attn`` / ``value: …``): for a tensor, the first
+    condition whose ``filter`` is absent, ``"*"`` or part of the tensor's name gives the value (a number or a
+    `Gradient`); when none matches, the next scope (the global ``parameters``) is asked."""
+
+    items: Tuple[Tuple[Optional[str], Union[float, Gradient]], ...]
+
+
+#: one scope's ``weight``: a number, a per-layer list, or conditions
+Setting = Union[float, Gradient, Conditions]
+
+
+def evaluate(setting: Setting, tensor: str, t: float) -> Optional[float]:
+    """A setting's value for the tensor named ``tensor`` at layer position ``t`` (None: no condition matches;
+    ``tensor=""`` matches only the conditions without a filter, as in mergekit)."""
+    if isinstance(setting, Gradient):
+        return setting.at(t)
+    if isinstance(setting, Conditions):
+        for filter_, value in setting.items:
+            if filter_ is None or filter_ == "*" or (tensor and filter_ in tensor):
+                return evaluate(value, tensor, t)
+        return None
+    return float(setting)
+
+
+def layer_index(module: str) -> Optional[int]:
+    """The layer a module lies in: its first path component that is an integer (``model.layers.3.mlp`` → 3,
+    ``bert.encoder.layer.0.attention.self.query`` → 0); None outside numbered layers (embeddings, heads)."""
+    return next((int(part) for part in module.split(".") if part.isascii() and part.isdigit()), None)
+
+
+def layer_position(index: Optional[int], num_layers: Optional[int]) -> float:
+    """mergekit's t of a layer: index / (L − 1), 1 in a one-layer model; 0 outside numbered layers (mergekit
+    plans the embeddings and the head with t = 0)."""
+    if index is None or num_layers is None:
+        return 0.0
+    return index / (num_layers - 1) if num_layers > 1 else 1.0
+
+
+def combine_weights(method: str, weights: Sequence[float], base_weight: Optional[float], normalize: bool,
+                    scale: float, where: str) -> List[float]:
+    """The engine's weights from mergekit's wᵢ (at one tensor, or everywhere): ``linear`` divides by Σ wᵢ
+    (the base model's weight included: an input with ΔW = 0) with ``normalize``, and without it needs
+    Σ wᵢ = 1; ``task_arithmetic`` multiplies by λ = ``scale`` and, with ``normalize``, divides by Σ wᵢ
+    (|Σ wᵢ| < 1e-8: by 1); every other method takes wᵢ as they are (its strategy applies its own rule).
+    ``where`` starts an error's message (the file, and the module)."""
+    weights = [float(w) for w in weights]
+    if method == "linear":
+        total = math.fsum(weights) + (base_weight or 0.0)
+        if normalize:
+            if total == 0:
+                raise ConfigError(f"{where}the weights {weights} sum to 0, so linear with normalize: true divides "
+                                  "by zero (mergekit gives NaN): change the weights.")
+            return [w / total for w in weights]
+        if not math.isclose(total, 1.0, rel_tol=1e-9, abs_tol=1e-12):
+            raise ConfigError(f"{where}linear with normalize: false and weights summing to {total:g} scales the base "
+                              "model by that sum, which an adapter cannot hold: use normalize: true, weights summing "
+                              "to 1, or merge_method: task_arithmetic (the update alone).")
+        return weights
+    if method == "task_arithmetic":
+        total = math.fsum(weights)
+        divisor = total if normalize and abs(total) >= 1e-8 else 1.0
+        return [w * scale / divisor for w in weights]
+    return weights
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """The weights of a YAML in which some ``weight`` is a per-layer list or conditions: what the plan holds
+    until the inputs' modules are known (`resolve` then gives the engine's per-module weights).
+
+    ``chains``: per input, its ``weight`` settings from its own ``parameters`` to the global ones (the first
+    that gives a value wins, as in mergekit); ``base``: linear's base model among the models, likewise (an
+    input with ΔW = 0 whose weight counts in the normalisation), or empty; ``method``, ``normalize``,
+    ``scale``: what `combine_weights` does with the values."""
+
+    chains: Tuple[Tuple[Setting, ...], ...]
+    base: Tuple[Setting, ...]
+    method: str
+    normalize: bool
+    scale: float
+    source: str
+
+    def values_at(self, tensor: str, t: float) -> List[float]:
+        """mergekit's wᵢ for a tensor at layer position t."""
+        return [_first_value(chain, tensor, t) for chain in self.chains]
+
+    def weights_at(self, tensor: str, t: float, where: str = "") -> List[float]:
+        """The engine's weights for a tensor at layer position t (`combine_weights`)."""
+        base = _first_value(self.base, tensor, t) if self.base else None
+        return combine_weights(self.method, self.values_at(tensor, t), base, self.normalize, self.scale,
+                               f"{self.source}: {where}")
+
+    def resolve(self, modules: Iterable[str], num_layers: Optional[int] = None,
+                counted: str = "") -> Tuple[List[Dict[str, float]], str, Optional[int]]:
+        """Per input, the engine's per-module weights ``{"*": default, module: weight, …}`` over ``modules``
+        (names as `adapter_merging.ops.weights.module_name` gives them), a note for the report, and L.
+
+        A module in layer i (`layer_index`) takes t = i / (L − 1) (`layer_position`), L = ``num_layers``
+        (the base model's, said by ``counted``), or when None the highest layer index among ``modules`` + 1.
+        Conditions are matched against the module's name + ``.weight`` (the tensor of the full model its
+        update changes). Every module is listed by its exact name (which wins over any pattern, so a name
+        holding glob characters is never read as one); ``"*"`` (heads, ``modules_to_save``) is the value at
+        t = 0 without a filter."""
+        modules = sorted(set(modules))
+        indices = {m: layer_index(m) for m in modules}
+        found = [i for i in indices.values() if i is not None]
+        if num_layers is not None and found and max(found) >= num_layers:
+            deepest = max((m for m in modules if indices[m] is not None), key=lambda m: indices[m])
+            raise ConfigError(f"{self.source}: the module {deepest} lies in layer {indices[deepest]}, but {counted} "
+                              f"gives {num_layers} layers (0 to {num_layers - 1}): is it the adapters' base model?")
+        if num_layers is None and found:
+            num_layers = max(found) + 1
+            counted = ("the adapters' highest layer index + 1; mergekit counts the base model's layers, more where the "
+                       "adapters leave the last ones out: give `base_model:` its folder to count those")
+        defaults = self.weights_at("", 0.0, "at t = 0 (the modules outside numbered layers, and heads): ")
+        resolved: List[Dict[str, float]] = [{"*": w} for w in defaults]
+        for module in modules:
+            t = layer_position(indices[module], num_layers)
+            where = f"module {module} (layer {indices[module]}, t = {t:g}): " if indices[module] is not None \
+                else f"module {module} (outside numbered layers, t = 0): "
+            for spec, weight in zip(resolved, self.weights_at(f"{module}.weight", t, where)):
+                spec[module] = weight
+        if num_layers is None:
+            note = "weight: no module lies in a numbered layer, so every module takes t = 0 (each list's first value)."
+        else:
+            note = (f"weight: per-layer values over L = {num_layers} layers ({counted}); layer i takes t = i/(L − 1) "
+                    f"as in mergekit, modules outside numbered layers (and heads) t = 0.")
+        return resolved, note, num_layers
+
+
+def _first_value(chain: Sequence[Setting], tensor: str, t: float) -> Optional[float]:
+    for setting in chain:
+        value = evaluate(setting, tensor, t)
+        if value is not None:
+            return value
+    return None
+
+
+def base_layer_count(candidates: Iterable[Optional[str]]) -> Tuple[Optional[int], str]:
+    """The number of layers of the first base model in ``candidates`` whose ``config.json`` is at hand (a local
+    folder holding one, or a Hub id whose ``config.json`` is in the local Hugging Face cache: nothing is
+    downloaded), and where it was read; (None, "") when none is."""
+    for name in candidates:
+        if not isinstance(name, str) or not name.strip():
+            continue
+        path = _config_path(name.strip())
+        if path is None:
+            continue
+        try:
+            config = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        for key in LAYER_COUNT_KEYS:
+            value = config.get(key) if isinstance(config, dict) else None
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value, f"{key} of the base model {name}'s config.json"
+    return None, ""
+
+
+def _config_path(name: str) -> Optional[str]:
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        return str(folder / "config.json") if (folder / "config.json").is_file() else None
+    repo_id, _, revision = name.partition("@")
+    if repo_id.count("/") > 1 or repo_id.startswith(("/", ".", "~")):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, "config.json", revision=revision or None)
+    except Exception:  # not a valid repository id, or no huggingface_hub
+        return None
+    return found if isinstance(found, str) else None
+
+
 def method_parameters(method: str) -> Tuple[str, ...]:
     """The parameters mergekit 0.1.5 gives ``method`` (global or per model)."""
     if method == "linear":
@@ -100,7 +307,9 @@ def method_parameters(method: str) -> Tuple[str, ...]:
 def plan_from_config(data: Any, source: str) -> Dict[str, Any]:
     """The merge a mergekit-shaped configuration (already parsed from YAML) describes, as the CLI's plan:
     inputs, weights, strategy, options, normalize, output, dtype, name, notes, recipe_extra, base_model,
-    linear_lora. Raises `ConfigError` (everything that is wrong, where it can be said in one line)."""
+    linear_lora. ``weights`` is one number per input, or a `LayerWeights` where some ``weight`` is a
+    per-layer list or conditions (`adapter_merging.cli.plan_weights` resolves it over the inputs' modules).
+    Raises `ConfigError` (everything that is wrong, where it can be said in one line)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the file must be a mapping with `models:` and `merge_method:`, got {type(data).__name__}.")
     models = data.get("models")
@@ -135,7 +344,8 @@ def plan_from_config(data: Any, source: str) -> Dict[str, Any]:
     if base_model is not None and not isinstance(base_model, str):
         raise ConfigError(f"{source}: base_model must be a model id or folder (a string), got {base_model!r}.")
     inputs, per_model, wheres = [], [], []
-    base_weight = None
+    base_weight: Tuple[Setting, ...] = ()
+    base_where = ""
     for index, entry in enumerate(models):
         where = f"models[{index}]"
         if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
@@ -155,7 +365,7 @@ def plan_from_config(data: Any, source: str) -> Dict[str, Any]:
         values = _values(given, f"{where}.parameters", allowed, method, source, unsupported)
         if base_model is not None and entry["model"] == base_model:
             if method == "linear":  # mergekit's linear ignores the base: it is one more input, ΔW = 0
-                base_weight = values.get("weight", globals_.get("weight"))
+                base_weight, base_where = _chain(values, globals_), f"{where}.parameters"
                 notes.append(f"models[{index}] is the base model: in linear it counts as an input with no update.")
             else:
                 notes.append(f"models[{index}] is the base model: its update is zero, as in mergekit (left out).")
@@ -165,18 +375,26 @@ def plan_from_config(data: Any, source: str) -> Dict[str, Any]:
         wheres.append(f"{where}.parameters")
     if unsupported:
         raise ConfigError(f"{source}: not supported: " + "; ".join(unsupported) +
-                          ". Give one number per key (per-layer lists and filters are not supported).")
+                          ". Give one number per key (mergekit's per-layer lists and filters are read for `weight` "
+                          "only).")
     if not inputs:
         raise ConfigError(f"{source}: `models:` lists only the base model: add the adapters to merge.")
 
     def setting(key: str, index: int, default=None):
         return per_model[index].get(key, globals_.get(key, default))
 
-    weights = [setting("weight", i) for i in range(len(inputs))]
-    missing = [f"models[{i}]" for i, w in enumerate(weights) if w is None]
+    chains = [_chain(values, globals_) for values in per_model]
+    missing = [f"models[{i}]" for i, chain in enumerate(chains) if not chain]
     if missing:
         raise ConfigError(f"{source}: {', '.join(missing)} have no `weight` (mergekit requires one): give "
                           "`parameters: {weight: …}` to every model, or a global `parameters: {weight: …}`.")
+    for where, chain in list(zip(wheres, chains)) + [(base_where, base_weight)]:
+        if chain and _first_value(chain, "", 0.0) is None:  # only conditions with filters, and no global weight
+            raise ConfigError(f"{source}: {where}.weight: every condition has a filter, so the tensors no filter names "
+                              "(embeddings, norms) get no weight, which mergekit refuses: end the list with "
+                              "`- value: …` (no filter), or give a global `parameters: {weight: …}`.")
+    layered = any(not isinstance(chain[0], Real) for chain in chains + ([base_weight] if base_weight else []))
+    weights = [chain[0] for chain in chains]
     for where, values in [("parameters", globals_)] + list(zip(wheres, per_model)):
         for key, (valid, wanted) in RANGES.items():
             if key in values and not valid(values[key]):
@@ -199,6 +417,14 @@ def plan_from_config(data: Any, source: str) -> Dict[str, Any]:
         "base_model": base_model, "linear_lora": "exact",
         "recipe_extra": {"merge_method": method, "ignored_keys": ignored, "config_file": source},
     }
+
+    def final_weights(kind: str) -> Any:
+        """The plan's weights: one number per model, or the per-layer weights resolved once the modules are known."""
+        if layered:
+            return LayerWeights(tuple(chains), base_weight, kind, bool(normalize), float(scale), source)
+        base = float(base_weight[0]) if base_weight else None
+        return combine_weights(kind, weights, base, bool(normalize), float(scale), f"{source}: ")
+
     if ours:  # this library's strategy: our weights, normalize_weights and options
         options = dict(own)
         for key in ("density", "gamma"):
@@ -208,27 +434,15 @@ def plan_from_config(data: Any, source: str) -> Dict[str, Any]:
                     raise ConfigError(f"{source}: {key} is given for some models only: give it to every model, or "
                                       f"once in the global `parameters`.")
                 options[key] = values[0] if len(set(values)) == 1 else values
-        plan.update(weights=weights, strategy=method, normalize=bool(normalize), options=options)
+        plan.update(weights=final_weights("as_given"), strategy=method, normalize=bool(normalize), options=options)
         return plan
     if method == "linear":
-        total = math.fsum(weights) + (base_weight or 0.0)
-        if normalize:
-            if total == 0:
-                raise ConfigError(f"{source}: the weights {weights} sum to 0, so linear with normalize: true divides "
-                                  "by zero (mergekit gives NaN): change the weights.")
-            weights = [w / total for w in weights]
-        elif not math.isclose(total, 1.0, rel_tol=1e-9, abs_tol=1e-12):
-            raise ConfigError(f"{source}: linear with normalize: false and weights summing to {total:g} scales the base "
-                              "model by that sum, which an adapter cannot hold: use normalize: true, weights summing "
-                              "to 1, or merge_method: task_arithmetic (the update alone).")
-        plan.update(weights=weights, strategy="linear")
+        plan.update(weights=final_weights("linear"), strategy="linear")
     elif method == "task_arithmetic":
-        total = math.fsum(weights)
-        divisor = total if normalize and abs(total) >= 1e-8 else 1.0
         for key in ("density", "rescale"):
             if key in globals_ or any(key in values for values in per_model):
                 notes.append(f"{key} has no effect with task_arithmetic (as in mergekit).")
-        plan.update(weights=[w * scale / divisor for w in weights], strategy="task_arithmetic")
+        plan.update(weights=final_weights("task_arithmetic"), strategy="task_arithmetic")
     else:
         options: Dict[str, Any] = {
             "convention": "mergekit", "normalize": bool(normalize), "scale": float(scale),
@@ -252,7 +466,7 @@ def plan_from_config(data: Any, source: str) -> Dict[str, Any]:
             notes.append(f"{what} random masks follow mergekit's definition but not its random numbers (seed "
                          f"{own.get('seed', 0)} of this library).")
         options.update(own)
-        plan.update(weights=weights, strategy=method, options=options)
+        plan.update(weights=final_weights("as_given"), strategy=method, options=options)
         return plan
     plan["options"].update(own)
     return plan
@@ -279,14 +493,18 @@ def _mapping(value: Any, key: str, source: str) -> Dict[str, Any]:
 
 
 def _values(given: Mapping[str, Any], where: str, allowed, method: str, source: str, unsupported: List[str]) -> Dict[str, Any]:
-    """The parameters in ``given``, each checked: booleans must be true/false, numbers numbers; lists
-    (per-layer gradients) and filters go to ``unsupported``; keys ``method`` does not have raise."""
+    """The parameters in ``given``, each checked: booleans must be true/false, numbers numbers, a ``weight`` may
+    also be a per-layer list or conditions (`_weight_setting`); lists and filters of other keys go to
+    ``unsupported``, and so do keys ``method`` does not have."""
     out: Dict[str, Any] = {}
     for key, value in given.items():
         if key not in allowed:
             unsupported.append(f"{where}.{key} (not a parameter of {method}: it has {', '.join(allowed)})")
             continue
-        if isinstance(value, list) or (isinstance(value, dict) and "filter" in value):
+        if key == "weight" and isinstance(value, (list, dict)):
+            out[key] = _weight_setting(value, f"{where}.{key}", source)
+            continue
+        if isinstance(value, (list, dict)):
             what = "a filter" if isinstance(value, dict) or any(isinstance(v, dict) for v in value) else "a per-layer list"
             unsupported.append(f"{where}.{key} ({what})")
             continue
@@ -298,6 +516,57 @@ def _values(given: Mapping[str, Any], where: str, allowed, method: str, source: 
             raise ConfigError(f"{source}: {where}.{key} must be a finite number, got {value!r}{_string_hint(value)}.")
         out[key] = value
     return out
+
+
+def _chain(values: Mapping[str, Any], globals_: Mapping[str, Any]) -> Tuple[Setting, ...]:
+    """A model's ``weight`` settings, its own first, then the global one (mergekit asks them in that order)."""
+    return tuple(v for v in (values.get("weight"), globals_.get("weight")) if v is not None)
+
+
+def _weight_setting(value: Any, key: str, source: str) -> Setting:
+    """A ``weight`` given as a list or a mapping: mergekit's per-layer list (numbers, first layer to last), one
+    condition ``{filter, value}``, or a list of conditions (each value a number or a per-layer list)."""
+    if isinstance(value, dict):
+        return Conditions((_condition(value, key, source),))
+    if not value:
+        raise ConfigError(f"{source}: {key} is an empty list: give a number, or a list of numbers (the values from "
+                          "the first layer to the last, interpolated in between).")
+    conditions = [isinstance(v, dict) for v in value]
+    if all(conditions):
+        return Conditions(tuple(_condition(v, f"{key}[{i}]", source) for i, v in enumerate(value)))
+    if any(conditions):
+        raise ConfigError(f"{source}: {key} mixes numbers and conditions: give a list of numbers (a per-layer list) "
+                          "or a list of conditions (`- filter: …` / `value: …`).")
+    return _gradient(value, key, source)
+
+
+def _gradient(values: List[Any], key: str, source: str) -> Gradient:
+    for i, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+            raise ConfigError(f"{source}: {key}[{i}] must be a finite number, got {value!r}{_string_hint(value)}: a "
+                              "per-layer list holds numbers, from the first layer to the last.")
+    return Gradient(tuple(float(v) for v in values))
+
+
+def _condition(value: Dict[str, Any], key: str, source: str) -> Tuple[Optional[str], Union[float, Gradient]]:
+    if "value" not in value or set(value) - {"filter", "value"}:
+        raise ConfigError(f"{source}: {key} is a condition with the keys {sorted(map(str, value))}: a condition has "
+                          "`value:` (a number or a per-layer list) and optionally `filter:` (text of the tensor "
+                          "names it applies to).")
+    filter_ = value.get("filter")
+    if filter_ is not None and (not isinstance(filter_, str) or not filter_):
+        raise ConfigError(f"{source}: {key}.filter must be text of the tensor names it applies to (e.g. self_attn), "
+                          f"got {filter_!r}; leave it out for every tensor.")
+    given = value["value"]
+    if isinstance(given, list):
+        if not given:
+            raise ConfigError(f"{source}: {key}.value is an empty list: give a number, or a list of numbers (the "
+                              "values from the first layer to the last).")
+        return filter_, _gradient(given, f"{key}.value", source)
+    if isinstance(given, bool) or not isinstance(given, Real) or not math.isfinite(given):
+        raise ConfigError(f"{source}: {key}.value must be a finite number or a list of numbers, got "
+                          f"{given!r}{_string_hint(given)}.")
+    return filter_, float(given)
 
 
 def _string_hint(value: Any) -> str:
