@@ -24,6 +24,8 @@ layer), and ``adapter_name=`` merges them with ``strategy`` through the model's 
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 import re
 import time
 import uuid
@@ -37,6 +39,7 @@ from torch.nn.utils import parametrize
 from ._progress import Progress
 from .report import MergeReport
 from .rollback import Checkpoint
+from .strategies import get_strategy
 
 Granularity = Literal["adapter", "layer", "module"]
 LearnMethod = Literal["gradient", "cma"]
@@ -53,6 +56,7 @@ DEFAULT_BUDGET = {"gradient": 40, "cma": 100}
 CMA_BOUNDS = (-1.5, 1.5)
 CMA_SIGMA = 0.1
 #: the name of all modules under granularity="adapter"
+MAX_SEED = 2**32 - 1  # CMA-ES seeds numpy with seed + 1
 ALL = "*"
 _LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
@@ -81,6 +85,9 @@ class LearnedWeights:
     seconds: float
     report: Optional[MergeReport] = None
     notes: List[str] = field(default_factory=list)
+    #: the objective (plus the L1 term) of the merged adapter, with ``adapter_name``; a note says if it differs from
+    #: ``best`` (a merge that is not the update learned through, e.g. ``svd_rank`` truncating it)
+    merged: Optional[float] = None
 
     def summary(self) -> str:
         """One line: method, granularity, the objective before and after, evaluations and time."""
@@ -144,6 +151,15 @@ def learn_weights(
     :raises ImportError: ``method="cma"`` without the ``cma`` package.
     """
     started = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):  # neither the data's iteration nor the run moves the caller's RNG
+        learned = _learn(model, adapters, data, strategy, granularity, method, objective, budget, seed, init, lr, l1,
+                         adapter_name, merge_options, progress)
+    learned.seconds = time.perf_counter() - started
+    return learned
+
+
+def _learn(model, adapters, data, strategy, granularity, method, objective, budget, seed, init, lr, l1, adapter_name,
+           merge_options, progress) -> LearnedWeights:
     front = _front_end(model)
     names = front.check_adapters(adapters)
     _check_choice("granularity", granularity, GRANULARITIES)
@@ -153,11 +169,16 @@ def learn_weights(
     budget = DEFAULT_BUDGET[method] if budget is None else _positive_int("budget", budget)
     seed = _seed(seed)
     lr, l1 = _non_negative("lr", lr, positive=True), _non_negative("l1", l1)
-    options = dict(merge_options or {})
+    options = _merge_options(front, merge_options)
+    get_strategy(strategy)  # an unknown name: the engine's error, before anything else
     if adapter_name is not None:
         front.check_new_name(adapter_name)
+    front.check_not_merged()
     factored = strategy in FACTORED_STRATEGIES
     if method == "gradient":
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("method='gradient' cannot run inside torch.inference_mode(): call learn_weights outside it "
+                               "(method='cma' needs no gradients).")
         if not factored:
             raise ValueError(
                 f"method='gradient' learns weights through the exact factored update Σ λᵢ sᵢ Bᵢ Aᵢ, which is the "
@@ -168,31 +189,64 @@ def learn_weights(
     optimiser = _cma() if method == "cma" else None
     batches = _batches(data)
     start = _initial(names, init)
-
-    checkpoint = Checkpoint(model)
+    if method == "cma" and not all(CMA_BOUNDS[0] <= float(v) <= CMA_BOUNDS[1] for v in start):
+        raise ValueError(f"init {start.tolist()} lies outside the box method='cma' searches, {list(CMA_BOUNDS)} "
+                         "(LoraHub's): give init values within it.")
     session = _Session(front, names, granularity, factored and front.is_lora(names))
-    with torch.random.fork_rng(devices=[]):
-        try:
-            session.open(strategy, options)
-            if method == "gradient":
-                history, best_table = _gradient(session, batches, objective, start, budget, lr, l1, progress)
-            else:
-                history, best_table = _search(session, optimiser, batches, objective, start, budget, seed, l1,
-                                              strategy, options, progress)
-        finally:
-            session.close()
+    checkpoint = Checkpoint(model)
+    try:
+        if adapter_name is not None or options:  # the final merge's arguments checked before the run, not after it
+            front.merge(adapter_name or session.name, names, [float(v) for v in start], strategy, options,
+                        temporary=True, quiet=True)
             checkpoint.restore()
+        session.open(strategy, options)
+        if method == "gradient":
+            history, best_table = _gradient(session, batches, objective, start, budget, lr, l1, progress)
+        else:
+            history, best_table = _search(session, optimiser, batches, objective, start, budget, seed, l1, progress)
+    finally:
+        session.close()
+        checkpoint.restore()
     table = {group: dict(zip(names, map(float, row))) for group, row in zip(session.group_names, best_table.tolist())}
     weights = _as_weights(names, table, session.groups, granularity)
     learned = LearnedWeights(
         weights=weights, table=table, groups=session.groups, history=history, best=min(history), method=method,
         granularity=granularity, strategy=strategy, objective=objective if isinstance(objective, str) else "callable",
-        evaluations=len(history), seconds=0.0, notes=list(session.notes),
+        evaluations=len(history), seconds=0.0, notes=[n for n in session.notes if session.name not in n],
     )
     if adapter_name is not None:
         learned.report = front.merge(adapter_name, names, weights, strategy, options)
-    learned.seconds = time.perf_counter() - started
+        learned.merged = _merged_objective(front, adapter_name, batches, objective) + l1 * float(best_table.abs().mean())
+        if not math.isclose(learned.merged, learned.best, rel_tol=1e-3, abs_tol=1e-6):
+            learned.notes.append(
+                f"The merged adapter '{adapter_name}' scores {learned.merged:.6g} on the objective, the learned weights "
+                f"{learned.best:.6g}: the merge ({strategy}, {options or 'no options'}) is not the update the weights "
+                "were learned through (e.g. svd_rank truncates it).")
     return learned
+
+
+def _merge_options(front: "_Front", merge_options: Any) -> Dict[str, Any]:
+    """``merge_options`` as a dict whose keys the front end's merge takes (checked before the run)."""
+    if merge_options is None:
+        return {}
+    if not isinstance(merge_options, Mapping):
+        raise TypeError(f"merge_options must be a dict of the merge's keyword options, got {merge_options!r}.")
+    allowed = front.option_names()
+    unknown = sorted(str(k) for k in merge_options if k not in allowed)
+    if unknown:
+        raise ValueError(f"merge_options has unknown option(s) {unknown}: the merge takes {sorted(allowed)}.")
+    return dict(merge_options)
+
+
+def _merged_objective(front: "_Front", adapter_name: str, batches, objective) -> float:
+    """The objective of the merged adapter (one pass, no gradients), the model left as it was."""
+    checkpoint = Checkpoint(front.model)
+    try:
+        front.activate(adapter_name)
+        front.freeze()
+        return _forward_all(front, batches, objective, front.device(), False, 0)
+    finally:
+        checkpoint.restore()
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -201,23 +255,42 @@ def _check_choice(what: str, value: Any, choices: Sequence[str]) -> None:
         raise ValueError(f"{what} must be one of {list(choices)}, got {value!r}.")
 
 
+def _integer(value: Any) -> Optional[int]:
+    """``value`` as an int if it is an integer (numpy's too), not a bool; else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def _positive_int(what: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    number = _integer(value)
+    if number is None or number < 1:
         raise ValueError(f"{what} must be a positive int, got {value!r}.")
-    return value
+    return number
 
 
 def _seed(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"seed must be an int ≥ 0, got {value!r}.")
-    return value
+    number = _integer(value)
+    if number is None or not 0 <= number < MAX_SEED:
+        raise ValueError(f"seed must be an int in [0, {MAX_SEED}), got {value!r}.")
+    return number
+
+
+def _real(value: Any) -> Optional[float]:
+    """``value`` as a float if it is a real number (numpy's too), not a bool; else None."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
 
 
 def _non_negative(what: str, value: Any, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
-            or (positive and value == 0):
+    number = _real(value)
+    if number is None or not math.isfinite(number) or number < 0 or (positive and number == 0):
         raise ValueError(f"{what} must be a finite number {'> 0' if positive else '≥ 0'}, got {value!r}.")
-    return float(value)
+    return number
 
 
 def _initial(names: Sequence[str], init: Any) -> torch.Tensor:
@@ -225,8 +298,8 @@ def _initial(names: Sequence[str], init: Any) -> torch.Tensor:
     n = len(names)
     if init is None:
         values = [1.0 / n] * n
-    elif isinstance(init, (int, float)) and not isinstance(init, bool):
-        values = [float(init)] * n
+    elif _real(init) is not None:
+        values = [init] * n
     elif isinstance(init, Mapping):
         unknown = sorted(set(map(str, init)) - set(names))
         if unknown or len(init) != n:
@@ -238,10 +311,10 @@ def _initial(names: Sequence[str], init: Any) -> torch.Tensor:
         values = list(init)
     else:
         raise TypeError(f"init must be None, a number, one number per adapter or {{name: number}}, got {init!r}.")
-    for value in values:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"init values must be finite numbers, got {value!r}.")
-    return torch.tensor([float(v) for v in values], dtype=torch.float64)
+    numbers_ = [_real(v) for v in values]
+    if any(v is None or not math.isfinite(v) for v in numbers_):
+        raise ValueError(f"init values must be finite numbers, got {values!r}.")
+    return torch.tensor(numbers_, dtype=torch.float64)
 
 
 def _batches(data: Iterable[Mapping[str, Any]]) -> List[Mapping[str, Any]]:
@@ -278,6 +351,9 @@ def _to_device(batch: Mapping[str, Any], device: torch.device) -> Dict[str, Any]
 def _objective_value(objective: Objective, outputs: Any, batch: Mapping[str, Any]) -> Any:
     if callable(objective):
         return objective(outputs, batch)
+    if isinstance(outputs, tuple):
+        raise ValueError(f"The model returned a tuple (return_dict=False?): objective={objective!r} reads "
+                         "outputs.loss / outputs.logits; let it return its output object, or pass a callable objective.")
     if objective == "loss":
         loss = getattr(outputs, "loss", None)
         if loss is None:
@@ -302,10 +378,9 @@ def _scalar(value: Any, step: int, need_grad: bool) -> Any:
         value = value.reshape(())
         number = float(value.detach())
     else:
-        number = float(value.detach()) if isinstance(value, torch.Tensor) and value.numel() == 1 else value
-        if isinstance(number, bool) or not isinstance(number, (int, float)):
+        number = float(value.detach()) if isinstance(value, torch.Tensor) and value.numel() == 1 else _real(value)
+        if number is None:
             raise TypeError(f"The objective must return a number or a scalar tensor, got {type(value).__name__}.")
-        number = float(number)
     if not math.isfinite(number):
         raise ValueError(f"The objective is {number} at step {step}: check the data, or lower lr / the init weights.")
     return value if need_grad else number
@@ -313,7 +388,7 @@ def _scalar(value: Any, step: int, need_grad: bool) -> Any:
 
 # ----------------------------------------------------------------------------- a learning session on a model
 class _BlockScale(torch.nn.Module):
-    """Parametrization B ↦ B · λ over B's rank columns (dim 1): column block i times λ[group, i]."""
+    """Parametrization B ↦ B · λ over B's rank columns (dim 1): column block i times λ[row, i]."""
 
     def __init__(self, table: List[torch.Tensor], row: int, ranks: Sequence[int]) -> None:
         super().__init__()
@@ -325,6 +400,20 @@ class _BlockScale(torch.nn.Module):
     def forward(self, b: torch.Tensor) -> torch.Tensor:
         scale = self._table[0][self.row].index_select(0, self.index.to(b.device)).to(b.dtype)
         return b * scale.view([1, -1] + [1] * (b.ndim - 2))
+
+
+class _Mix(torch.nn.Module):
+    """Parametrization of a copy the front end merges linearly (PEFT's ``modules_to_save``): Σᵢ λ̄ᵢ θᵢ, λ̄ᵢ the
+    mean of adapter i's λ over the groups (the ``"*"`` weight such a merge uses)."""
+
+    def __init__(self, table: List[torch.Tensor], stack: torch.Tensor) -> None:
+        super().__init__()
+        self._table = table
+        self.register_buffer("stack", stack, persistent=False)
+
+    def forward(self, _: torch.Tensor) -> torch.Tensor:
+        mean = self._table[0].mean(0).to(self.stack.dtype)
+        return torch.tensordot(mean, self.stack, dims=1)
 
 
 class _Session:
@@ -345,21 +434,35 @@ class _Session:
 
     def open(self, strategy: str, options: Mapping[str, Any]) -> None:
         self._strategy, self._options = strategy, dict(options)
-        modules = self.front.module_names(self.names)
-        self.groups = _group(modules, self.granularity)
+        self.groups = _group(self.front.module_names(self.names), self.granularity)
         self.group_names = list(self.groups)
         if not self.factored:
             return
-        self.front.add_concat(self.name, self.names)
+        self._quiet(self.front.add_concat, self.name, self.names)
         self.table[0] = torch.ones(len(self.group_names), len(self.names))  # registering evaluates the parametrization
         row_of = {m: i for i, g in enumerate(self.group_names) for m in self.groups[g]}
         for module_name, owner, attribute, ranks in self.front.factors(self.name, self.names):
             if module_name not in row_of:
                 raise RuntimeError(f"internal: module {module_name} of the concatenated adapter is in no group")
-            parametrize.register_parametrization(owner, attribute, _BlockScale(self.table, row_of[module_name], ranks))
-            self._registered.append((owner, attribute))
+            self._register(owner, attribute, _BlockScale(self.table, row_of[module_name], ranks))
+        for owner, attribute, stack in self.front.linear_copies(self.name, self.names):
+            self._register(owner, attribute, _Mix(self.table, stack))
         self.front.activate(self.name)
         self.front.freeze()
+
+    def _register(self, owner: torch.nn.Module, attribute: str, parametrization: torch.nn.Module) -> None:
+        parametrize.register_parametrization(owner, attribute, parametrization)
+        self._registered.append((owner, attribute))
+
+    def _quiet(self, merge: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Run a temporary merge, its warnings kept as notes (once each: the same text with other numbers is one)."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            merge(*args, **kwargs)
+        for warning in caught:
+            text = str(warning.message)
+            if self.name not in text and not any(note[:60] == text[:60] for note in self.notes):
+                self.notes.append(text)
 
     def set(self, table: torch.Tensor) -> None:
         """Use the weights ``table`` (groups × adapters) for the next forward passes."""
@@ -368,13 +471,7 @@ class _Session:
             return
         weights = _as_weights(self.names, {g: dict(zip(self.names, map(float, row))) for g, row in
                                            zip(self.group_names, table.tolist())}, self.groups, self.granularity)
-        with warnings.catch_warnings(record=True) as caught:  # each candidate's merge: its warnings once, as notes
-            warnings.simplefilter("always")
-            self.front.merge(self.name, self.names, weights, self._strategy, self._options, temporary=True)
-        for warning in caught:  # the same warning with other numbers is one note
-            text = str(warning.message)
-            if not any(note[:60] == text[:60] for note in self.notes):
-                self.notes.append(text)
+        self._quiet(self.front.merge, self.name, self.names, weights, self._strategy, self._options, temporary=True)
         self.front.activate(self.name)
         self.front.freeze()
 
@@ -385,8 +482,9 @@ class _Session:
 
 
 def _group(modules: Sequence[str], granularity: str) -> Dict[str, List[str]]:
-    """{group: modules}: one group ``"*"``; by layer (``"layer N"``, N the first number in the path; modules
-    without one: ``"other"``); or each module its own."""
+    """{group: modules}: one group ``"*"``; by layer, the path up to its first number (``bert.encoder.layer.3``;
+    an encoder's and a decoder's layer 3 are two layers; a module without a number is a group of its own); or
+    each module its own."""
     if granularity == "adapter":
         return {ALL: list(modules)}
     if granularity == "module":
@@ -394,12 +492,14 @@ def _group(modules: Sequence[str], granularity: str) -> Dict[str, List[str]]:
     groups: Dict[str, List[str]] = {}
     for module in modules:
         found = _LAYER.search(module)
-        groups.setdefault(f"layer {found.group(1)}" if found else "other", []).append(module)
+        groups.setdefault(module[: found.end(1)] if found else module, []).append(module)
     return dict(sorted(groups.items(), key=lambda item: _layer_key(item[0])))
 
 
-def _layer_key(group: str) -> Tuple[int, int]:
-    return (1, 0) if group == "other" else (0, int(group.split()[1]))
+def _layer_key(group: str) -> Tuple[str, int, str]:
+    """Layers in order: by the path before the number, then the number (layer 2 before layer 10)."""
+    found = _LAYER.search(group)
+    return (group[: found.start(1)], int(found.group(1)), group) if found else (group, -1, group)
 
 
 def _as_weights(names: Sequence[str], table: Mapping[str, Mapping[str, float]], groups: Mapping[str, List[str]],
@@ -417,13 +517,17 @@ def _as_weights(names: Sequence[str], table: Mapping[str, Mapping[str, float]], 
     return weights
 
 
-def _forward_all(session: _Session, batches, objective, device, need_grad: bool, step: int) -> float:
+def _forward_all(front: "_Front", batches, objective, device, need_grad: bool, step: int) -> float:
     """The mean objective over the batches; with ``need_grad`` its gradient is accumulated into λ."""
     total = 0.0
-    for batch in batches:
+    for i, batch in enumerate(batches):
         batch = _to_device(batch, device)
         with torch.set_grad_enabled(need_grad):
-            outputs = session.front.model(**batch)
+            try:
+                outputs = front.model(**batch)
+            except Exception as error:
+                error.add_note(f"(learn_weights: in the model's forward pass on batch {i} of data)")
+                raise
             value = _scalar(_objective_value(objective, outputs, batch), step, need_grad)
             if need_grad:
                 (value / len(batches)).backward()
@@ -446,7 +550,10 @@ def _gradient(session: _Session, batches, objective, start: torch.Tensor, budget
     with _bar(progress, budget, "learning weights") as tick:
         for step in range(budget):
             optimiser.zero_grad(set_to_none=True)
-            value = _forward_all(session, batches, objective, device, True, step)
+            value = _forward_all(session.front, batches, objective, device, True, step)
+            if table.grad is None:
+                raise ValueError("The objective does not depend on the weights (no gradient reached them): compute it "
+                                 "from the model's outputs, without detaching them.")
             if l1:
                 penalty = l1 * table.abs().mean()
                 penalty.backward()
@@ -460,11 +567,22 @@ def _gradient(session: _Session, batches, objective, start: torch.Tensor, budget
 
 
 def _search(session: _Session, cma, batches, objective, start: torch.Tensor, budget: int, seed: int, l1: float,
-            strategy: str, options: Mapping[str, Any], progress: Progress) -> Tuple[List[float], torch.Tensor]:
-    """CMA-ES over λ (flattened groups × adapters) in `CMA_BOUNDS`, each candidate scored without gradients."""
+            progress: Progress) -> Tuple[List[float], torch.Tensor]:
+    """CMA-ES over λ (flattened groups × adapters) in `CMA_BOUNDS`, each candidate scored without gradients.
+    numpy's global random state (which ``cma`` seeds) is restored after."""
+    import numpy
+
+    state = numpy.random.get_state()
+    try:
+        return _cma_search(session, cma, batches, objective, start, budget, seed, l1, progress)
+    finally:
+        numpy.random.set_state(state)
+
+
+def _cma_search(session, cma, batches, objective, start, budget, seed, l1, progress):
     device = session.front.device()
     shape = (len(session.group_names), len(session.names))
-    x0 = start.clamp(*CMA_BOUNDS).repeat(shape[0], 1).flatten().tolist()
+    x0 = start.repeat(shape[0], 1).flatten().tolist()
     es = cma.CMAEvolutionStrategy(x0, CMA_SIGMA, {"seed": seed + 1, "maxfevals": budget, "bounds": list(CMA_BOUNDS),
                                                   "verbose": -9})
     history: List[float] = []
@@ -476,7 +594,7 @@ def _search(session: _Session, cma, batches, objective, start: torch.Tensor, bud
             for x in candidates:
                 table = torch.tensor(x, dtype=torch.float64).reshape(shape)
                 session.set(table.to(device=device, dtype=torch.float32) if session.factored else table)
-                value = _forward_all(session, batches, objective, device, False, len(history))
+                value = _forward_all(session.front, batches, objective, device, False, len(history))
                 value += l1 * float(table.abs().mean())
                 values.append(value)
                 history.append(value)
@@ -535,6 +653,9 @@ class _Front:
     """What a learning session needs of a model kind: its adapters, a concatenated adapter and its B factors
     with each input's rank block, activation, freezing, and the front end's merge."""
 
+    #: the parameters of the front end's merge that learn_weights sets itself (the rest are ``merge_options``)
+    OWN = frozenset()
+
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
 
@@ -564,14 +685,40 @@ class _Front:
     def check_factored(self, names: Sequence[str]) -> None:
         if not self.is_lora(names):
             kinds = {n: self.kind(n) for n in names}
-            raise ValueError(f"method='gradient' learns through LoRA updates s·B·A; the adapters are {kinds}: use "
-                             "method='cma' (it scores each candidate by a real merge, any adapter type).")
+            raise ValueError(
+                f"method='gradient' learns through LoRA updates s·B·A; the adapters are {kinds}: use method='cma' with a "
+                "strategy that merges them (e.g. strategy='linear' for bottleneck, IA³ or prefix tuning adapters); "
+                "it scores each candidate by a real merge.")
 
     def is_lora(self, names: Sequence[str]) -> bool:
         return all(self.kind(n) == "lora" for n in names)
 
+    def option_names(self) -> set:
+        import inspect
+
+        return set(inspect.signature(self.merge_function()).parameters) - self.OWN
+
+    def linear_copies(self, name: str, names: Sequence[str]):
+        """(module, attribute, stacked inputs' values) of the copies the front end merges linearly: none here."""
+        return iter(())
+
+    def merge(self, name, names, weights, strategy, options, temporary: bool = False, quiet: bool = False):
+        if not quiet:
+            return self._merge(name, names, weights, strategy, options, temporary)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return self._merge(name, names, weights, strategy, options, temporary)
+
 
 class _AdaptersFront(_Front):
+    OWN = frozenset({"model", "adapter_name", "adapter_list", "weights", "combine_strategy", "normalize_weights",
+                     "overwrite_ok", "set_active", "progress"})
+
+    def merge_function(self):
+        from .model_mixin import average_adapter
+
+        return average_adapter
+
     def available(self) -> List[str]:
         return list(self.model.adapters_config.adapters)
 
@@ -591,6 +738,12 @@ class _AdaptersFront(_Front):
         if name in self.model.adapters_config:
             raise ValueError(f"An adapter named '{name}' already exists: choose another adapter_name.")
 
+    def check_not_merged(self) -> None:
+        merged = sorted({str(m.merged) for m in self.model.modules() if getattr(m, "merged", None)})
+        if merged:
+            raise ValueError(f"The adapter(s) {merged} are merged into the model's weights (merge_adapter): call "
+                             "model.reset_adapter() first; learning activates other adapters on top of them.")
+
     def module_names(self, names: Sequence[str]) -> List[str]:
         from .ops.weights import module_name
         from .state import adapter_tensors, model_tensors
@@ -599,16 +752,16 @@ class _AdaptersFront(_Front):
         return sorted({module_name(slot) for n in names for slot in adapter_tensors(named, n)})
 
     def add_concat(self, name: str, names: Sequence[str]) -> None:
-        from .model_mixin import average_adapter
-
-        average_adapter(self.model, name, list(names), [1.0] * len(names), "lora_delta_w_concat",
-                        normalize_weights=False, progress=False)
+        self.merge_function()(self.model, name, list(names), [1.0] * len(names), "lora_delta_w_concat",
+                              normalize_weights=False, progress=False)
 
     def factors(self, name: str, names: Sequence[str]):
+        configs = [self.model.adapters_config.get(n) for n in names]
         for path, module in self.model.named_modules():
             loras = getattr(module, "loras", None)
             if isinstance(loras, torch.nn.ModuleDict) and name in loras:
-                ranks = [int(loras[n].lora_A.shape[0]) if n in loras else 0 for n in names]
+                # each input's rank (fused q/k/v modules: per matrix); an input without the module: zeros of its r
+                ranks = [int(loras[n].r) if n in loras else int(c["r"]) for n, c in zip(names, configs)]
                 _check_width(path, loras[name].lora_B, ranks)
                 yield path, loras[name], "lora_B", ranks
 
@@ -623,19 +776,24 @@ class _AdaptersFront(_Front):
         finally:
             quiet.setLevel(level)
 
-    def merge(self, name, names, weights, strategy, options, temporary: bool = False) -> MergeReport:
-        from .model_mixin import average_adapter
-
-        return average_adapter(self.model, name, list(names), weights, strategy, normalize_weights=False,
-                               overwrite_ok=temporary, progress=False, **dict(options))
+    def _merge(self, name, names, weights, strategy, options, temporary):
+        return self.merge_function()(self.model, name, list(names), weights, strategy, normalize_weights=False,
+                                     overwrite_ok=temporary, progress=False, **dict(options))
 
 
 class _PeftFront(_Front):
+    OWN = frozenset({"model", "adapters", "weights", "adapter_name", "combination_type", "progress"})
+
     def __init__(self, model: torch.nn.Module) -> None:
         from .peft import _lora_root
 
         super().__init__(model)
         self.root = _lora_root(model)
+
+    def merge_function(self):
+        from .peft import add_weighted_adapter
+
+        return add_weighted_adapter
 
     def available(self) -> List[str]:
         return list(self.root.peft_config)
@@ -643,8 +801,10 @@ class _PeftFront(_Front):
     def kind(self, name: str) -> str:
         config = self.root.peft_config[name]
         kind = str(getattr(config.peft_type, "value", config.peft_type)).lower()
-        if kind == "lora" and (getattr(config, "use_dora", False) or getattr(config, "target_parameters", None)):
-            return "lora (DoRA or target_parameters)"
+        if kind == "lora" and getattr(config, "use_dora", False):
+            return "lora with DoRA"
+        if kind == "lora" and getattr(config, "target_parameters", None):
+            return "lora on target_parameters"
         return kind
 
     def check_new_name(self, name: str) -> None:
@@ -653,21 +813,27 @@ class _PeftFront(_Front):
         if name in self.root.peft_config:
             raise ValueError(f"An adapter named '{name}' already exists: choose another adapter_name.")
 
+    def check_not_merged(self) -> None:
+        merged = sorted({n for m in self.root.model.modules() for n in (getattr(m, "merged_adapters", None) or [])})
+        if merged:
+            raise ValueError(f"The adapter(s) {merged} are merged into the model's weights (merge_adapter): call "
+                             "model.unmerge_adapter() first; learning activates other adapters.")
+
     def module_names(self, names: Sequence[str]) -> List[str]:
-        found = set()
-        for path, module in self.root.model.named_modules():
-            for attribute in ("lora_A", "lora_embedding_A", "ia3_l"):
-                holder = getattr(module, attribute, None)
-                if isinstance(holder, (torch.nn.ModuleDict, torch.nn.ParameterDict)) and any(n in holder for n in names):
-                    found.add(path)
-        return sorted(found)
+        """The modules as the merge names them (the engine reads the adapters the same way)."""
+        from .ops.weights import module_name
+        from .peft import _peft_type, _read
+
+        configs = [self.root.peft_config[n] for n in names]
+        peft_type = _peft_type(list(names), configs)
+        return sorted({module_name(slot) for n, c in zip(names, configs)
+                       for slot in _read(self.root, n, c, peft_type)[0].tensors})
 
     def add_concat(self, name: str, names: Sequence[str]) -> None:
-        from .peft import add_weighted_adapter
-
-        add_weighted_adapter(self.model, list(names), [1.0] * len(names), name, "lora_delta_w_concat", progress=False)
+        self.merge_function()(self.model, list(names), [1.0] * len(names), name, "lora_delta_w_concat", progress=False)
 
     def factors(self, name: str, names: Sequence[str]):
+        configs = [self.root.peft_config[n] for n in names]
         for path, module in self.root.model.named_modules():
             ranks_of = getattr(module, "r", None)
             if isinstance(getattr(module, "lora_B", None), torch.nn.ModuleDict) and name in module.lora_B:
@@ -677,26 +843,51 @@ class _PeftFront(_Front):
                 owner, attribute = module.lora_embedding_B, name
             else:
                 continue
-            ranks = [int(ranks_of[n]) if n in ranks_of else 0 for n in names]
+            # an input without the module: zero factors of its configured r (as the merge reads it)
+            ranks = [int(ranks_of[n]) if n in ranks_of else int(c.r) for n, c in zip(names, configs)]
             _check_width(path, getattr(owner, attribute), ranks)
-            yield path, owner, attribute, ranks
+            yield path, owner, attribute, _padded(ranks, getattr(owner, attribute).shape[1])
+
+    def linear_copies(self, name: str, names: Sequence[str]):
+        """PEFT's ``modules_to_save`` copies of the concatenated adapter: the merge combines the inputs' copies
+        linearly with each adapter's ``"*"`` weight (when every input has them)."""
+        from peft.utils.other import ModulesToSaveWrapper
+
+        for _, wrapper in self.root.model.named_modules():
+            if not isinstance(wrapper, ModulesToSaveWrapper) or name not in wrapper.modules_to_save:
+                continue
+            if not all(n in wrapper.modules_to_save for n in names):
+                continue
+            copy_ = wrapper.modules_to_save[name]
+            for key, _param in list(copy_.named_parameters()):
+                owner_path, _, attribute = key.rpartition(".")
+                owner = copy_.get_submodule(owner_path) if owner_path else copy_
+                stack = torch.stack([wrapper.modules_to_save[n].get_parameter(key).detach() for n in names])
+                yield owner, attribute, stack
 
     def activate(self, name: str) -> None:
         self.model.set_adapter(name)
 
-    def merge(self, name, names, weights, strategy, options, temporary: bool = False) -> MergeReport:
-        from .peft import add_weighted_adapter
-
+    def _merge(self, name, names, weights, strategy, options, temporary):
         if temporary and name in self.root.peft_config:
             self.model.delete_adapter(name)
-        return add_weighted_adapter(self.model, list(names), [weights[n] for n in names], name, strategy,
-                                    progress=False, **dict(options))
+        values = [weights[n] for n in names] if isinstance(weights, Mapping) else list(weights)
+        return self.merge_function()(self.model, list(names), values, name, strategy, progress=False, **dict(options))
+
+
+def _padded(ranks: Sequence[int], width: int) -> List[int]:
+    """The rank blocks, the zero columns past Σ rᵢ (PEFT's one rank for every module pads at the end) given to the
+    last input."""
+    return list(ranks[:-1]) + [ranks[-1] + width - sum(ranks)]
 
 
 def _check_width(path: str, b: torch.Tensor, ranks: Sequence[int]) -> None:
-    if b.shape[1] != sum(ranks):
+    width = b.shape[1]
+    padding_is_zero = width > sum(ranks) and not bool(b[:, sum(ranks):].detach().any())
+    if width != sum(ranks) and not padding_is_zero:
         raise ValueError(
-            f"In module {path} the concatenated adapter has rank {b.shape[1]}, not the inputs' Σ rᵢ = {sum(ranks)} "
-            f"(ranks {list(ranks)}): an input lacks this module or is stored differently. Use method='cma', which "
-            "merges each candidate."
+            f"In module {path} the concatenated adapter has rank {width}, not the inputs' Σ rᵢ = {sum(ranks)} "
+            f"(ranks {list(ranks)}), so the weights cannot be applied to its blocks. Use method='cma' with a "
+            "strategy outside " + str(list(FACTORED_STRATEGIES)) + " (e.g. 'ties'), which merges each candidate, "
+            "and report this case."
         )

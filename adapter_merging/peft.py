@@ -365,6 +365,9 @@ def _add(model, root, adapter_name: str, config) -> None:
     for key, param in root.model.named_parameters():
         if f".{adapter_name}." in f".{key}." or key.endswith(f".{adapter_name}"):
             param.requires_grad_(False)
+    for key, module in root.model.named_modules():  # new modules are made in training mode: take the model's
+        if f".{adapter_name}." in f".{key}.":
+            module.train(root.model.training)
 
 
 def _parameter_fields(fields: Dict[str, Any], configs, layouts: Dict[str, Layout], result) -> None:

@@ -115,11 +115,12 @@ def test_gradient_of_the_weights_matches_finite_differences():
 
 
 # ----------------------------------------------------------------------------- learning recovers known weights
-TEACHER = {"layer 0": {"a": 0.8, "b": -0.3, "c": 0.5}, "layer 1": {"a": 0.2, "b": 0.6, "c": -0.4}}
+L0, L1 = "bert.encoder.layer.0", "bert.encoder.layer.1"
+TEACHER = {L0: {"a": 0.8, "b": -0.3, "c": 0.5}, L1: {"a": 0.2, "b": 0.6, "c": -0.4}}
 
 
 def teacher_weights():
-    return {n: {"*": 0.0, "*.layer.0.*": TEACHER["layer 0"][n], "*.layer.1.*": TEACHER["layer 1"][n]} for n in NAMES}
+    return {n: {"*": 0.0, f"{L0}.*": TEACHER[L0][n], f"{L1}.*": TEACHER[L1][n]} for n in NAMES}
 
 
 def teacher_logits(model, inputs, weights, strategy="lora_delta_w_svd"):
@@ -144,7 +145,7 @@ def test_gradient_learning_recovers_per_layer_weights_and_merges_them(strategy):
     learned = learn_weights(model, list(NAMES), [inputs], strategy=strategy, granularity="layer",
                             objective=mse_to(target), budget=400, lr=0.03, init=0.1, adapter_name="learned",
                             progress=False)
-    assert list(learned.table) == ["layer 0", "layer 1"]
+    assert list(learned.table) == [L0, L1]
     for group, row in TEACHER.items():
         for name, value in row.items():
             assert learned.table[group][name] == pytest.approx(value, abs=0.02), (group, name)
@@ -157,8 +158,9 @@ def test_gradient_learning_recovers_per_layer_weights_and_merges_them(strategy):
     assert torch.allclose(got, target, atol=2e-3 * float(target.abs().max()))
     assert learned.report is not None and learned.report.combine_strategy == strategy
     weights = learned.weights["a"]
-    assert weights["bert.encoder.layer.0.attention.self.query"] == learned.table["layer 0"]["a"]
-    assert weights["*"] == pytest.approx((learned.table["layer 0"]["a"] + learned.table["layer 1"]["a"]) / 2)
+    assert weights["bert.encoder.layer.0.attention.self.query"] == learned.table[L0]["a"]
+    assert weights["*"] == pytest.approx((learned.table[L0]["a"] + learned.table[L1]["a"]) / 2)
+    assert learned.merged == pytest.approx(learned.best, rel=1e-3, abs=1e-6) and not learned.notes
 
 
 def test_cma_recovers_per_adapter_weights_and_is_deterministic():
@@ -395,3 +397,209 @@ def test_dropout_is_off_while_learning_even_for_a_model_in_training_mode():
         runs.append(learn_weights(model, ["a", "b"], [batch()], budget=3, progress=False).history)
         assert model.training == (mode == "train")
     assert runs[0] == runs[1] == runs[2]
+
+
+# ----------------------------------------------------------------------------- the factored forward is the merge, on other layouts
+def session_matches_merge(model, front, names, inputs, forward_kwargs=None, seed=0):
+    """A random per-module table: the session's forward equals the forward of the front end's merge
+    (lora_delta_w_svd) with the same weights as per-module weights."""
+    from adapter_merging.learn import _as_weights
+
+    session = _Session(front, list(names), "module", factored=True)
+    checkpoint_state = state(model)
+    session.open("lora_delta_w_svd", {})
+    try:
+        table = torch.randn(len(session.group_names), len(names), generator=torch.Generator().manual_seed(seed))
+        session.set(table)
+        with torch.no_grad():
+            got = model(**inputs).logits.double()
+    finally:
+        session.close()
+    rows = {g: dict(zip(names, map(float, row))) for g, row in zip(session.group_names, table.tolist())}
+    weights = _as_weights(list(names), rows, session.groups, "module")
+    front.merge("check", list(names), weights, "lora_delta_w_svd", {})
+    front.activate("check")
+    front.model.eval()
+    with torch.no_grad():
+        want = model(**inputs).logits.double()
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    assert not torch.allclose(want, torch.zeros_like(want))
+    assert set(checkpoint_state) <= set(state(model))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "deberta", "t5"])
+def test_factored_forward_equals_the_merge_on_fused_and_seq2seq_modules(arch):
+    from conftest import model_inputs
+
+    model = tiny_adapter_model(arch)
+    model.add_adapter("a", LoRAConfig(r=2, alpha=4, attn_matrices=["q", "k", "v"]))
+    model.add_adapter("b", LoRAConfig(r=3, alpha=9, attn_matrices=["q", "k", "v"]))
+    for i, name in enumerate("ab"):
+        randomize_adapter(model, name, scale=0.5, seed=i + 1)
+    if arch == "t5":
+        model.add_seq2seq_lm_head("h")
+    else:
+        model.add_classification_head("h", num_labels=4)
+    session_matches_merge(model, _AdaptersFront(model), ["a", "b"], model_inputs(model))
+
+
+def peft_pair(first, second, task_type=None):
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                    intermediate_size=37, vocab_size=99, num_labels=4)).eval()
+    model = get_peft_model(base, LoraConfig(task_type=task_type, **first), adapter_name="one")
+    model.add_adapter("two", LoraConfig(task_type=task_type, **second))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for key, param in model.named_parameters():
+            if "lora_" in key or "modules_to_save" in key:
+                param.add_(0.5 * torch.randn(param.shape, generator=generator))
+    model.set_adapter("one")
+    model.eval()
+    return model
+
+
+PEFT_LAYOUTS = {
+    "different targets": (dict(r=2, lora_alpha=4, target_modules=["query"]),
+                          dict(r=3, lora_alpha=9, target_modules=["query", "value"])),
+    "rank_pattern": (dict(r=2, lora_alpha=4, target_modules=["query", "value"], rank_pattern={"query": 4}),
+                     dict(r=3, lora_alpha=9, target_modules=["query", "value"])),
+    "embedding and rslora": (dict(r=2, lora_alpha=4, target_modules=["word_embeddings", "value"], use_rslora=True),
+                             dict(r=3, lora_alpha=9, target_modules=["word_embeddings", "value"])),
+}
+
+
+@pytest.mark.parametrize("layout", list(PEFT_LAYOUTS))
+def test_peft_factored_forward_equals_the_merge(layout):
+    from adapter_merging.learn import _PeftFront
+
+    model = peft_pair(*PEFT_LAYOUTS[layout])
+    session_matches_merge(model, _PeftFront(model), ["one", "two"], {"input_ids": batch(labels=False)["input_ids"]})
+
+
+def test_peft_modules_to_save_are_learned_as_the_merge_combines_them():
+    """SEQ_CLS models save their classifier per adapter; the merge combines the copies with each adapter's
+    weight, so learning must too: the merged adapter scores what the learning reported."""
+    spec = dict(target_modules=["query", "value"], lora_dropout=0.3)
+    model = peft_pair(dict(r=2, lora_alpha=4, **spec), dict(r=3, lora_alpha=9, **spec), task_type="SEQ_CLS")
+    inputs = {"input_ids": batch(labels=False, rows=16)["input_ids"]}
+    target = torch.randn(16, 4, generator=torch.Generator().manual_seed(3))
+    learned = learn_weights(model, ["one", "two"], [inputs], objective=mse_to(target), budget=30, lr=0.1,
+                            adapter_name="merged", progress=False)
+    assert learned.merged == pytest.approx(learned.best, rel=1e-4)
+    assert not [n for n in learned.notes if "_learn_weights_" in n]
+    model.set_adapter("merged")  # the merged adapter's new dropout modules follow the model's eval mode
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, model(**inputs).logits)
+
+
+# ----------------------------------------------------------------------------- what the attack found, one test each
+def test_a_model_with_a_lora_merged_into_its_weights_is_refused():
+    model = lora_model()
+    model.merge_adapter("a")
+    with pytest.raises(ValueError, match="reset_adapter"):
+        learn_weights(model, list(NAMES), [batch()], budget=2, progress=False)
+    peft = peft_pair(dict(r=2, lora_alpha=4, target_modules=["query"]), dict(r=2, lora_alpha=4, target_modules=["query"]))
+    peft.merge_adapter()
+    with pytest.raises(ValueError, match="unmerge_adapter"):
+        learn_weights(peft, ["one", "two"], [{"input_ids": batch()["input_ids"]}], budget=2, progress=False)
+
+
+def counting(objective="loss"):
+    calls = []
+
+    def count(outputs, batch):
+        calls.append(1)
+        return outputs.loss
+    return count, calls
+
+
+@pytest.mark.parametrize("options, message", [({"bogus": 1}, "unknown option"), ({"svd_rank": -1}, "svd_rank")])
+def test_merge_options_are_checked_before_the_run(options, message):
+    model = lora_model()
+    objective, calls = counting()
+    with pytest.raises((ValueError, TypeError), match=message):
+        learn_weights(model, list(NAMES), [batch()], objective=objective, merge_options=options, adapter_name="m",
+                      progress=False)
+    assert calls == [] and "m" not in model.adapters_config
+
+
+def test_a_merge_that_is_not_the_learned_update_says_so():
+    model = lora_model()
+    learned = learn_weights(model, list(NAMES), [batch()], budget=5, lr=0.1, adapter_name="m",
+                            merge_options={"svd_rank": 1}, progress=False)
+    assert learned.merged != pytest.approx(learned.best, rel=1e-3)
+    assert any("svd_rank" in note for note in learned.notes)
+
+
+def test_an_objective_that_bypasses_the_weights_is_refused():
+    leak = torch.tensor(1.0, requires_grad=True)
+    with pytest.raises(ValueError, match="no gradient reached them"):
+        learn_weights(lora_model(), list(NAMES), [batch()], objective=lambda o, b: o.loss.detach() + 0 * leak,
+                      budget=2, progress=False)
+
+
+def test_gradient_learning_inside_inference_mode_says_why():
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        learn_weights(lora_model(), list(NAMES), [batch()], budget=2, progress=False)
+
+
+def test_cma_leaves_numpy_random_state_as_it_was():
+    import numpy
+
+    model = lora_model()
+    numpy.random.seed(123)
+    expected = numpy.random.rand()
+    numpy.random.seed(123)
+    learn_weights(model, list(NAMES), [batch()], method="cma", budget=6, progress=False)
+    assert numpy.random.rand() == expected
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(method="cma", init=5.0), "outside the box"),
+    (dict(method="cma", seed=2**32), "seed must be an int in"),
+])
+def test_cma_specific_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        learn_weights(lora_model(), list(NAMES), [batch()], budget=2, progress=False, **kwargs)
+
+
+def test_numpy_numbers_are_accepted_as_seed_budget_and_init():
+    import numpy
+
+    learned = learn_weights(lora_model(), list(NAMES), [batch()], budget=numpy.int64(2), seed=numpy.int64(1),
+                            init=[numpy.float32(0.2)] * 3, method="cma", progress=False)
+    assert learned.evaluations == 2
+
+
+def test_a_tuple_output_and_a_failing_forward_get_messages_naming_the_cause():
+    with pytest.raises(ValueError, match="returned a tuple"):
+        learn_weights(lora_model(), list(NAMES), [{**batch(), "return_dict": False}], budget=2, progress=False)
+    bad = {**batch(), "labels": torch.zeros(3, dtype=torch.long)}  # 8 rows, 3 labels
+    with pytest.raises(Exception) as caught:
+        learn_weights(lora_model(), list(NAMES), [batch(), bad], budget=2, progress=False)
+    assert "batch 1 of data" in "".join(getattr(caught.value, "__notes__", []))
+
+
+def test_layers_of_an_encoder_and_a_decoder_are_different_groups():
+    from adapter_merging.learn import _group
+
+    modules = ["encoder.block.0.layer.0.SelfAttention.q", "decoder.block.0.layer.0.SelfAttention.q",
+               "encoder.block.10.layer.0.SelfAttention.q", "encoder.block.2.layer.1.DenseReluDense.wi", "prefix.pool"]
+    groups = _group(modules, "layer")
+    assert list(groups) == ["decoder.block.0", "encoder.block.0", "encoder.block.2", "encoder.block.10", "prefix.pool"]
+    assert groups["encoder.block.2"] == ["encoder.block.2.layer.1.DenseReluDense.wi"]
+
+
+def test_a_data_loader_does_not_move_the_callers_random_state():
+    from torch.utils.data import DataLoader
+
+    rows = [{"input_ids": row, "labels": label} for row, label in zip(batch()["input_ids"], batch()["labels"])]
+    model = lora_model()
+    model.active_head = "h"
+    state_before = torch.random.get_rng_state()
+    learn_weights(model, list(NAMES), DataLoader(rows, batch_size=4, shuffle=True), budget=2, progress=False)
+    assert torch.equal(torch.random.get_rng_state(), state_before)
