@@ -67,7 +67,7 @@ class LearnedWeights:
 
     ``weights``: ready for ``average_adapter(..., weights=weights, normalize_weights=False)`` (or the PEFT
     front end): ``{adapter: λ}``, or per module ``{adapter: {module: λ, "*": mean λ}}``. ``table``: the
-    learned values by group (``"*"``, ``"layer 3"`` or a module name) and adapter; ``groups``: the modules of
+    learned values by group (``"*"``, a layer such as ``"bert.encoder.layer.3"``, or a module name) and adapter; ``groups``: the modules of
     each group. ``history``: the objective (plus the L1 term) at each step (gradient: before the step's
     update) or each evaluation (cma); ``best``: the smallest, whose weights are returned. ``report``: the
     merge's report when ``adapter_name`` was given."""
@@ -127,7 +127,8 @@ def learn_weights(
     :param strategy: the merge the weights are for. ``method="gradient"``: ``"lora_delta_w_svd"``
         (default) or ``"lora_delta_w_concat"`` (both Σ λᵢ ΔWᵢ, on LoRA adapters); ``"cma"``: any strategy.
     :param granularity: ``"adapter"`` (one λ per adapter, LoraHub), ``"layer"`` (per adapter and layer, the
-        layer being the first number in a module's path, AdaMerging's layer-wise) or ``"module"``.
+        layer being a module's path up to its first number, e.g. ``bert.encoder.layer.3``: AdaMerging's
+        layer-wise; an encoder's and a decoder's layer 3 are two layers) or ``"module"``.
     :param method: ``"gradient"`` (Adam on λ through the factored update) or ``"cma"`` (CMA-ES, needs the
         ``cma`` package, within ``CMA_BOUNDS``).
     :param objective: ``"loss"`` (the model's ``outputs.loss``: batches need labels), ``"entropy"`` (the
