@@ -1,5 +1,6 @@
 """Type checkers and IDEs see the API: ``py.typed`` ships, ``init(model).average_adapter(...)`` type-checks,
-strategy names are a ``Literal`` equal to the registry, and every strategy option is a documented keyword."""
+strategy names are a ``Literal`` equal to the registry, and every strategy option is a documented keyword; so are
+``learn_weights``' choices and parameters."""
 from __future__ import annotations
 
 import importlib.util
@@ -54,6 +55,20 @@ def test_every_parameter_is_documented_in_help(where):
     assert ":returns:" in function.__doc__ and "MergeReport" in function.__doc__
 
 
+def test_learn_weights_choices_are_literals_and_every_parameter_is_documented():
+    from adapter_merging.learn import GRANULARITIES, LEARN_METHODS, OBJECTIVES, Granularity, LearnMethod, Objective
+
+    assert get_args(Granularity) == GRANULARITIES and get_args(LearnMethod) == LEARN_METHODS
+    assert get_args(get_args(Objective)[0]) == OBJECTIVES
+    parameters = inspect.signature(adapter_merging.learn_weights).parameters
+    for name, parameter in parameters.items():
+        assert f":param {name}:" in adapter_merging.learn_weights.__doc__, f"learn_weights: {name} is not documented"
+        assert parameter.annotation != inspect.Parameter.empty, f"learn_weights: {name} has no type"
+        if name not in ("model", "adapters", "data"):
+            assert parameter.kind is inspect.Parameter.KEYWORD_ONLY, name
+    assert ":returns:" in adapter_merging.learn_weights.__doc__ and "LearnedWeights" in adapter_merging.learn_weights.__doc__
+
+
 def test_py_typed_ships_with_the_package():
     assert (Path(adapter_merging.__file__).parent / "py.typed").exists()
     assert 'adapter_merging = ["py.typed"]' in (ROOT / "pyproject.toml").read_text(encoding="utf-8")
@@ -72,6 +87,12 @@ SCRIPT = '''
     reveal_type(heads)
     model.average_adapter("avg", ["a", "b"], combine_strategy="nonsense")
     model.average_adapter("avg", ["a", "b"], majority_sign_method="median")
+    learned = adapter_merging.learn_weights(model, ["a", "b"], [{"input_ids": None, "labels": None}],
+                                            granularity="layer", method="cma", objective="entropy", seed=1)
+    reveal_type(learned)
+    print(learned.table["layer 0"]["a"] + 1.0, learned.weights, learned.history[0] + learned.best, learned.summary())
+    adapter_merging.learn_weights(model, ["a"], [], objective=lambda outputs, batch: outputs.loss, adapter_name="m")
+    adapter_merging.learn_weights(model, ["a", "b"], [], granularity="block")
 '''
 MYPY_CONFIG = '''
     [mypy]
@@ -93,7 +114,9 @@ def test_mypy_accepts_a_users_script_and_flags_bad_strategy_names(tmp_path):
     )
     lines = result.stdout.splitlines()
     assert 'Revealed type is "adapter_merging.report.MergeReport"' in result.stdout, result.stdout + result.stderr
+    assert 'Revealed type is "adapter_merging.learn.LearnedWeights"' in result.stdout, result.stdout
     errors = [line for line in lines if ": error:" in line]
-    assert len(errors) == 2, result.stdout
+    assert len(errors) == 3, result.stdout
     assert "script.py:12:" in errors[0] and "Literal['nonsense']" in errors[0]
     assert "script.py:13:" in errors[1] and "Literal['median']" in errors[1]
+    assert "script.py:19:" in errors[2] and "Literal['block']" in errors[2]
