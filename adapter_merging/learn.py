@@ -38,7 +38,7 @@ from torch.nn.utils import parametrize
 
 from ._progress import Progress
 from .report import MergeReport
-from .rollback import Checkpoint
+from .rollback import Checkpoint, rollback_on_error
 from .strategies import get_strategy
 
 Granularity = Literal["adapter", "layer", "module"]
@@ -55,8 +55,10 @@ DEFAULT_BUDGET = {"gradient": 40, "cma": 100}
 #: CMA-ES: the box the weights are searched in (LoraHub's) and the initial step size
 CMA_BOUNDS = (-1.5, 1.5)
 CMA_SIGMA = 0.1
-#: the name of all modules under granularity="adapter"
+#: PEFT adapter kinds the merge refuses (no weights can be learned for them, by either method)
+UNMERGEABLE = ("lora with DoRA", "lora with lora_bias")
 MAX_SEED = 2**32 - 1  # CMA-ES seeds numpy with seed + 1
+#: the name of all modules under granularity="adapter"
 ALL = "*"
 _LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
@@ -67,10 +69,12 @@ class LearnedWeights:
 
     ``weights``: ready for ``average_adapter(..., weights=weights, normalize_weights=False)`` (or the PEFT
     front end): ``{adapter: λ}``, or per module ``{adapter: {module: λ, "*": mean λ}}``. ``table``: the
-    learned values by group (``"*"``, a layer such as ``"bert.encoder.layer.3"``, or a module name) and adapter; ``groups``: the modules of
-    each group. ``history``: the objective (plus the L1 term) at each step (gradient: before the step's
-    update) or each evaluation (cma); ``best``: the smallest, whose weights are returned. ``report``: the
-    merge's report when ``adapter_name`` was given."""
+    learned values by group (``"*"``, a layer such as ``"bert.encoder.layer.3"``, or a module name) and
+    adapter; ``groups``: the modules of each group. ``history``: the objective (plus the L1 term) at each step
+    (gradient: before the step's update) or each evaluation (cma); ``best``: the smallest, whose weights are
+    returned. ``report``: the merge's report when ``adapter_name`` was given (its warnings are the merge's,
+    for the returned weights). ``notes``: what the run noticed (an objective that never changed, options
+    without a merge, a merged adapter that does not score ``best``)."""
 
     weights: Dict[str, Union[float, Dict[str, float]]]
     table: Dict[str, Dict[str, float]]
@@ -152,7 +156,9 @@ def learn_weights(
     :raises ImportError: ``method="cma"`` without the ``cma`` package.
     """
     started = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):  # neither the data's iteration nor the run moves the caller's RNG
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"}) \
+        if isinstance(model, torch.nn.Module) else []
+    with torch.random.fork_rng(devices=cuda):  # neither the data's iteration nor the run moves the caller's RNG
         learned = _learn(model, adapters, data, strategy, granularity, method, objective, budget, seed, init, lr, l1,
                          adapter_name, merge_options, progress)
     learned.seconds = time.perf_counter() - started
@@ -196,7 +202,8 @@ def _learn(model, adapters, data, strategy, granularity, method, objective, budg
     session = _Session(front, names, granularity, factored and front.is_lora(names))
     checkpoint = Checkpoint(model)
     try:
-        if adapter_name is not None or options:  # the final merge's arguments checked before the run, not after it
+        if options or (adapter_name is not None and isinstance(front, _PeftFront)):
+            # the final merge's arguments (and a name PEFT may refuse) checked before the run, not after it
             front.merge(adapter_name or session.name, names, [float(v) for v in start], strategy, options,
                         temporary=True, quiet=True)
             checkpoint.restore()
@@ -213,16 +220,24 @@ def _learn(model, adapters, data, strategy, granularity, method, objective, budg
     learned = LearnedWeights(
         weights=weights, table=table, groups=session.groups, history=history, best=min(history), method=method,
         granularity=granularity, strategy=strategy, objective=objective if isinstance(objective, str) else "callable",
-        evaluations=len(history), seconds=0.0, notes=[n for n in session.notes if session.name not in n],
+        evaluations=len(history), seconds=0.0,
     )
-    if adapter_name is not None:
+    if len(history) > 1 and len(set(history)) == 1:
+        learned.notes.append(f"Every evaluation gave the objective {history[0]:.6g}: it may not depend on the weights "
+                             "(the weights returned are the starting ones).")
+    if adapter_name is None:
+        if options and session.factored:
+            learned.notes.append(f"merge_options {options} were checked, but no merge was made (no adapter_name): the "
+                                 "weights were learned through the exact Σ λᵢ sᵢ Bᵢ Aᵢ.")
+        return learned
+    with rollback_on_error(model):  # the merged adapter is kept only if scoring it succeeds too
         learned.report = front.merge(adapter_name, names, weights, strategy, options)
         learned.merged = _merged_objective(front, adapter_name, batches, objective) + l1 * float(best_table.abs().mean())
-        if not math.isclose(learned.merged, learned.best, rel_tol=1e-3, abs_tol=1e-6):
-            learned.notes.append(
-                f"The merged adapter '{adapter_name}' scores {learned.merged:.6g} on the objective, the learned weights "
-                f"{learned.best:.6g}: the merge ({strategy}, {options or 'no options'}) is not the update the weights "
-                "were learned through (e.g. svd_rank truncates it).")
+    if not math.isclose(learned.merged, learned.best, rel_tol=1e-3, abs_tol=1e-6):
+        learned.notes.append(
+            f"The merged adapter '{adapter_name}' scores {learned.merged:.6g} on the objective, the learned weights "
+            f"{learned.best:.6g}: the merge ({strategy}, options {options or 'none'}) is not the update the weights "
+            "were learned through (svd_rank truncating it, or parts the merge combines otherwise).")
     return learned
 
 
@@ -301,6 +316,8 @@ def _initial(names: Sequence[str], init: Any) -> torch.Tensor:
         values = [1.0 / n] * n
     elif _real(init) is not None:
         values = [init] * n
+    elif hasattr(init, "tolist") and getattr(init, "ndim", None) == 1:  # a 1-D numpy array or tensor
+        values = init.tolist()
     elif isinstance(init, Mapping):
         unknown = sorted(set(map(str, init)) - set(names))
         if unknown or len(init) != n:
@@ -399,7 +416,7 @@ class _BlockScale(torch.nn.Module):
                              persistent=False)
 
     def forward(self, b: torch.Tensor) -> torch.Tensor:
-        scale = self._table[0][self.row].index_select(0, self.index.to(b.device)).to(b.dtype)
+        scale = self._table[0][self.row].to(b.device).index_select(0, self.index.to(b.device)).to(b.dtype)
         return b * scale.view([1, -1] + [1] * (b.ndim - 2))
 
 
@@ -413,7 +430,7 @@ class _Mix(torch.nn.Module):
         self.register_buffer("stack", stack, persistent=False)
 
     def forward(self, _: torch.Tensor) -> torch.Tensor:
-        mean = self._table[0].mean(0).to(self.stack.dtype)
+        mean = self._table[0].mean(0).to(device=self.stack.device, dtype=self.stack.dtype)
         return torch.tensordot(mean, self.stack, dims=1)
 
 
@@ -430,8 +447,6 @@ class _Session:
         self._registered: List[Tuple[torch.nn.Module, str]] = []
         self._options: Dict[str, Any] = {}
         self._strategy = ""
-        #: the warnings of the candidates' merges (cma with a strategy merged per candidate), each once
-        self.notes: List[str] = []
 
     def open(self, strategy: str, options: Mapping[str, Any]) -> None:
         self._strategy, self._options = strategy, dict(options)
@@ -439,7 +454,7 @@ class _Session:
         self.group_names = list(self.groups)
         if not self.factored:
             return
-        self._quiet(self.front.add_concat, self.name, self.names)
+        self.front.add_concat(self.name, self.names)
         self.table[0] = torch.ones(len(self.group_names), len(self.names))  # registering evaluates the parametrization
         row_of = {m: i for i, g in enumerate(self.group_names) for m in self.groups[g]}
         for module_name, owner, attribute, ranks in self.front.factors(self.name, self.names):
@@ -455,16 +470,6 @@ class _Session:
         parametrize.register_parametrization(owner, attribute, parametrization)
         self._registered.append((owner, attribute))
 
-    def _quiet(self, merge: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        """Run a temporary merge, its warnings kept as notes (once each: the same text with other numbers is one)."""
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            merge(*args, **kwargs)
-        for warning in caught:
-            text = str(warning.message)
-            if self.name not in text and not any(note[:60] == text[:60] for note in self.notes):
-                self.notes.append(text)
-
     def set(self, table: torch.Tensor) -> None:
         """Use the weights ``table`` (groups × adapters) for the next forward passes."""
         if self.factored:
@@ -472,7 +477,7 @@ class _Session:
             return
         weights = _as_weights(self.names, {g: dict(zip(self.names, map(float, row))) for g, row in
                                            zip(self.group_names, table.tolist())}, self.groups, self.granularity)
-        self._quiet(self.front.merge, self.name, self.names, weights, self._strategy, self._options, temporary=True)
+        self.front.merge(self.name, self.names, weights, self._strategy, self._options, temporary=True, quiet=True)
         self.front.activate(self.name)
         self.front.freeze()
 
@@ -686,6 +691,10 @@ class _Front:
     def check_factored(self, names: Sequence[str]) -> None:
         if not self.is_lora(names):
             kinds = {n: self.kind(n) for n in names}
+            unmergeable = {n: k for n, k in kinds.items() if k in UNMERGEABLE}
+            if unmergeable:
+                raise ValueError(f"The adapters {unmergeable} cannot be merged at all (their update is not s·B·A), so no "
+                                 "merge weights can be learned for them.")
             raise ValueError(
                 f"method='gradient' learns through LoRA updates s·B·A; the adapters are {kinds}: use method='cma' with a "
                 "strategy that merges them (e.g. strategy='linear' for bottleneck, IA³ or prefix tuning adapters); "
@@ -753,8 +762,7 @@ class _AdaptersFront(_Front):
         return sorted({module_name(slot) for n in names for slot in adapter_tensors(named, n)})
 
     def add_concat(self, name: str, names: Sequence[str]) -> None:
-        self.merge_function()(self.model, name, list(names), [1.0] * len(names), "lora_delta_w_concat",
-                              normalize_weights=False, progress=False)
+        self.merge(name, names, [1.0] * len(names), "lora_delta_w_concat", {}, quiet=True)
 
     def factors(self, name: str, names: Sequence[str]):
         configs = [self.model.adapters_config.get(n) for n in names]
@@ -804,6 +812,8 @@ class _PeftFront(_Front):
         kind = str(getattr(config.peft_type, "value", config.peft_type)).lower()
         if kind == "lora" and getattr(config, "use_dora", False):
             return "lora with DoRA"
+        if kind == "lora" and getattr(config, "lora_bias", False):
+            return "lora with lora_bias"
         if kind == "lora" and getattr(config, "target_parameters", None):
             return "lora on target_parameters"
         return kind
@@ -831,7 +841,7 @@ class _PeftFront(_Front):
                        for slot in _read(self.root, n, c, peft_type)[0].tensors})
 
     def add_concat(self, name: str, names: Sequence[str]) -> None:
-        self.merge_function()(self.model, list(names), [1.0] * len(names), name, "lora_delta_w_concat", progress=False)
+        self.merge(name, names, [1.0] * len(names), "lora_delta_w_concat", {}, quiet=True)
 
     def factors(self, name: str, names: Sequence[str]):
         configs = [self.root.peft_config[n] for n in names]
@@ -854,10 +864,11 @@ class _PeftFront(_Front):
         linearly with each adapter's ``"*"`` weight (when every input has them)."""
         from peft.utils.other import ModulesToSaveWrapper
 
-        for _, wrapper in self.root.model.named_modules():
-            if not isinstance(wrapper, ModulesToSaveWrapper) or name not in wrapper.modules_to_save:
-                continue
-            if not all(n in wrapper.modules_to_save for n in names):
+        wrappers = [m for m in self.root.model.modules() if isinstance(m, ModulesToSaveWrapper)]
+        if not all(n in w.modules_to_save for w in wrappers for n in names):
+            return  # the merge combines the copies only if every input has every one (peft._modules_to_save)
+        for wrapper in wrappers:
+            if name not in wrapper.modules_to_save:
                 continue
             copy_ = wrapper.modules_to_save[name]
             for key, _param in list(copy_.named_parameters()):

@@ -363,11 +363,23 @@ def _add(model, root, adapter_name: str, config) -> None:
         root.peft_config[adapter_name] = config
         root.inject_adapter(root.model, adapter_name)
     for key, param in root.model.named_parameters():
-        if f".{adapter_name}." in f".{key}." or key.endswith(f".{adapter_name}"):
+        if _holds_adapter(key, adapter_name):
             param.requires_grad_(False)
     for key, module in root.model.named_modules():  # new modules are made in training mode: take the model's
-        if f".{adapter_name}." in f".{key}.":
+        if _holds_adapter(key, adapter_name):
             module.train(root.model.training)
+
+
+#: the containers PEFT keeps an adapter's modules and parameters in, keyed by the adapter's name
+_ADAPTER_CONTAINERS = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_dropout",
+                                 "lora_magnitude_vector", "lora_variant", "ia3_l", "modules_to_save"})
+
+
+def _holds_adapter(key: str, adapter_name: str) -> bool:
+    """Whether the module or parameter path ``key`` is (inside) the adapter ``adapter_name``'s own entry of a PEFT
+    container (``….lora_A.<name>.weight``), not a module that happens to share its name (``….value``)."""
+    parts = key.split(".")
+    return any(part == adapter_name and parts[i - 1] in _ADAPTER_CONTAINERS for i, part in enumerate(parts) if i)
 
 
 def _parameter_fields(fields: Dict[str, Any], configs, layouts: Dict[str, Layout], result) -> None:
