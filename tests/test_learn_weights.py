@@ -286,7 +286,11 @@ def test_a_run_leaves_the_model_its_active_adapters_grad_flags_mode_and_rng_as_t
     assert_same(model, before)
 
 
-def test_an_error_during_learning_leaves_the_model_as_it_was():
+@pytest.mark.parametrize("budget, adapter_name, error", [
+    (10, None, RuntimeError),  # the objective fails while learning
+    (2, "new", KeyboardInterrupt),  # budget 2, then the merged adapter's scoring fails: it is removed again
+])
+def test_an_error_during_learning_or_scoring_leaves_the_model_as_it_was(budget, adapter_name, error):
     model = lora_model()
     before = snapshot(model)
     calls = []
@@ -294,11 +298,12 @@ def test_an_error_during_learning_leaves_the_model_as_it_was():
     def failing(outputs, batch):
         calls.append(1)
         if len(calls) == 3:
-            raise RuntimeError("boom")
-        return outputs.logits.sum()
+            raise error("boom")
+        return outputs.loss
 
-    with pytest.raises(RuntimeError, match="boom"):
-        learn_weights(model, list(NAMES), [batch()], objective=failing, budget=10, progress=False)
+    with pytest.raises(error):
+        learn_weights(model, list(NAMES), [batch()], objective=failing, budget=budget, adapter_name=adapter_name,
+                      progress=False)
     assert_same(model, before)
 
 
@@ -606,22 +611,6 @@ def test_a_data_loader_does_not_move_the_callers_random_state():
 
 
 # ----------------------------------------------------------------------------- what the second review found
-def test_a_failure_while_scoring_the_merged_adapter_removes_it_again():
-    model = lora_model()
-    before = snapshot(model)
-    calls = []
-
-    def objective(outputs, batch):
-        calls.append(1)
-        if len(calls) == 3:  # budget 2, then the merged adapter's scoring
-            raise KeyboardInterrupt
-        return outputs.loss
-
-    with pytest.raises(KeyboardInterrupt):
-        learn_weights(model, list(NAMES), [batch()], objective=objective, budget=2, adapter_name="new", progress=False)
-    assert_same(model, before)
-
-
 def test_partial_modules_to_save_are_learned_as_the_merge_leaves_them():
     model = peft_pair(dict(r=2, lora_alpha=4, target_modules=["query"], modules_to_save=["classifier"]),
                       dict(r=3, lora_alpha=9, target_modules=["query"], modules_to_save=["classifier", "pooler"]))
