@@ -124,7 +124,8 @@ def teacher_weights():
 
 
 def teacher_logits(model, inputs, weights, strategy="lora_delta_w_svd"):
-    model.average_adapter("teacher", list(NAMES), weights, combine_strategy=strategy, normalize_weights=False)
+    """The logits of the merge ``weights`` ({adapter: weight or per-module dict}), the model left without it."""
+    model.average_adapter("teacher", weights, combine_strategy=strategy, normalize_weights=False)
     model.set_active_adapters("teacher")
     with torch.no_grad():
         out = model(**inputs).logits.detach()
@@ -166,7 +167,7 @@ def test_gradient_learning_recovers_per_layer_weights_and_merges_them(strategy):
 def test_cma_recovers_per_adapter_weights_and_is_deterministic():
     model = lora_model(names=("a", "b"))
     inputs = batch(labels=False, rows=16)
-    target = teacher_logits_pair(model, inputs, {"a": 0.7, "b": -0.4})
+    target = teacher_logits(model, inputs, {"a": 0.7, "b": -0.4})
     runs = [learn_weights(model, ["a", "b"], [inputs], method="cma", objective=mse_to(target), budget=250, seed=3,
                           progress=False) for _ in range(2)]
     assert runs[0].history == runs[1].history
@@ -177,16 +178,6 @@ def test_cma_recovers_per_adapter_weights_and_is_deterministic():
     assert other.history != runs[0].history[:20]
 
 
-def teacher_logits_pair(model, inputs, weights):
-    model.average_adapter("teacher", weights, combine_strategy="lora_delta_w_svd", normalize_weights=False)
-    model.set_active_adapters("teacher")
-    with torch.no_grad():
-        out = model(**inputs).logits.detach()
-    model.delete_adapter("teacher")
-    model.set_active_adapters(None)
-    return out
-
-
 def test_cma_learns_through_any_strategy_and_adapter_type_by_merging_each_candidate():
     model = tiny_adapter_model("bert")
     for i, name in enumerate(("x", "y")):
@@ -194,11 +185,7 @@ def test_cma_learns_through_any_strategy_and_adapter_type_by_merging_each_candid
         randomize_adapter(model, name, scale=0.5, seed=i + 7)
     model.add_classification_head("h", num_labels=4)
     inputs = batch(labels=False, rows=16)
-    model.average_adapter("teacher", {"x": 0.7, "y": 0.3}, combine_strategy="linear", normalize_weights=False)
-    model.set_active_adapters("teacher")
-    with torch.no_grad():
-        target = model(**inputs).logits.detach()
-    model.delete_adapter("teacher")
+    target = teacher_logits(model, inputs, {"x": 0.7, "y": 0.3}, strategy="linear")
     with pytest.raises(ValueError, match="method='cma'"):
         learn_weights(model, ["x", "y"], [inputs], strategy="lora_delta_w_svd", objective=mse_to(target))
     learned = learn_weights(model, ["x", "y"], [inputs], method="cma", strategy="linear", objective=mse_to(target),
