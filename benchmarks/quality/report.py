@@ -104,13 +104,13 @@ def learned_lines(result: Dict[str, Any]) -> List[str]:
     """The learned rows' section: the data and the choice of their settings, the issue's targets (gap to
     task arithmetic, time, memory), the settings tried, and LoraHub's table."""
     setup, summary = result["setup"], result["summary"]
-    settings, names = setup["settings"], list(setup["tasks"])
+    settings = setup["settings"]
     table = summary["table"]
     learn = settings.get("learned")
     present = [label for label in LEARNED if table.get(label, {}).get("status") == "ok"]
     if not learn or not present:
         return []
-    from benchmarks.quality.learned import TARGET_MEMORY, TARGET_SECONDS
+    from benchmarks.quality.learned import TARGET_SECONDS
 
     seeds = len(result["seeds"])
     out = ["**Learned weights** (issue 20; the *italic* rows of the table \"Merging all tasks\"): `adapter_merging.learn_weights(model, tasks, batches, "
