@@ -151,8 +151,11 @@ def learn_weights(
     :param progress: a progress bar over steps on stderr: None (if the run takes over 2 s), True, False,
         or a callable ``progress(done, total)``.
     :returns: `LearnedWeights` (the weights, their table, the objective per step, the merge's report).
-    :raises ValueError, TypeError: bad arguments, adapters or strategies it cannot learn through (the
-        message names what works); the model is left as it was on any error.
+    :raises ValueError: bad arguments, adapters or strategies it cannot learn through (the message names what
+        works); the model is left as it was on any error.
+    :raises TypeError: arguments of the wrong type (``adapters`` not a list, a batch not a dict, an objective
+        that returns no scalar).
+    :raises RuntimeError: ``method="gradient"`` inside ``torch.inference_mode()``.
     :raises ImportError: ``method="cma"`` without the ``cma`` package.
     """
     started = time.perf_counter()
